@@ -1,0 +1,17 @@
+"""Losses: DINO + Sinkhorn-Knopp, iBOT, KoLeo (local and distributed), Gram anchoring. Float32 math."""
+
+from core.losses.dino import dino_loss
+from core.losses.gram import gram_loss, resize_gram_teacher
+from core.losses.ibot import ibot_loss
+from core.losses.koleo import koleo_loss, koleo_loss_distributed
+from core.losses.sinkhorn import sinkhorn_knopp
+
+__all__ = [
+    "dino_loss",
+    "gram_loss",
+    "ibot_loss",
+    "koleo_loss",
+    "koleo_loss_distributed",
+    "resize_gram_teacher",
+    "sinkhorn_knopp",
+]

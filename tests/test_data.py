@@ -1,0 +1,350 @@
+import colorsys
+import gzip
+import logging
+import multiprocessing
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core.data import BatchLoader, CropConfig, build_source, collate, global_batch, make_crops, sample_masks
+from core.data.augment import _gaussian_blur, _hsv_to_rgb, _rgb_to_hsv, distort, draw_params
+from core.data.masking import block_mask
+from core.errors import DinodistError
+from core.losses import ibot_loss
+
+TINY = CropConfig(global_size=32, local_size=16, n_local=3)
+
+
+def _images(n: int, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(0, 256, (3, 40 + 3 * i, 48 - 2 * i), dtype=torch.uint8, generator=gen) for i in range(n)
+    ]
+
+
+def _crops_and_masks(ids, seeds, cfg):
+    crops = make_crops(_images(len(ids)), ids, seeds, cfg)
+    return crops, sample_masks(ids, seeds, (cfg.global_size // 8, cfg.global_size // 8))
+
+
+# ---------------------------------------------------------------- sampler
+
+
+def test_sampler_covers_each_id_once_per_epoch():
+    n, g = 10, 4
+    seen = torch.cat([global_batch(t, g, n, seed=3)[0] for t in range(15)])  # 60 positions = 6 epochs
+    for epoch in range(6):
+        assert sorted(seen[epoch * n : (epoch + 1) * n].tolist()) == list(range(n))
+    ids, seeds = global_batch(7, g, n, seed=3)
+    assert torch.equal(ids, global_batch(7, g, n, seed=3)[0]) and torch.equal(
+        seeds, global_batch(7, g, n, 3)[1]
+    )
+    assert seeds.dtype == torch.long and (seeds >= 0).all() and len(set(seeds.tolist())) == g
+    assert not torch.equal(global_batch(0, n, n, seed=4)[0], global_batch(0, n, n, seed=3)[0])
+    assert not torch.equal(global_batch(8, g, n, 3)[1], seeds)
+    with pytest.raises(DinodistError, match="num_samples"):
+        global_batch(0, 4, 0, 0)
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _write_png(path, seed, size=(12, 10)):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def test_folder_source_skips_corrupt_file(tmp_path, caplog):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _write_png(tmp_path / "a" / "0.png", 0)
+    (tmp_path / "a" / "1.png").write_bytes(b"not an image at all")
+    _write_png(tmp_path / "b" / "2.PNG", 2)
+    (tmp_path / "b" / "notes.txt").write_text("ignored")
+    src = build_source(f"folder:{tmp_path}")
+    assert len(src) == 3
+    with caplog.at_level(logging.WARNING):
+        img = src.load(1)
+        again = src.load(1)
+    assert torch.equal(img, src.load(2)) and torch.equal(again, img)  # next readable file, deterministically
+    assert img.dtype == torch.uint8 and img.shape == (3, 10, 12)
+    assert src.n_unreadable == 1
+    assert sum("1.png" in r.getMessage() for r in caplog.records) == 1  # logged once
+    assert [src.label(i) for i in range(3)] == [0, 1, 1]  # sub-folder labels; 1 redirected to b/2.PNG
+    fp = src.fingerprint()
+    assert fp == build_source(f"folder:{tmp_path}").fingerprint()
+    _write_png(tmp_path / "b" / "2.PNG", 2, size=(13, 10))
+    assert build_source(f"folder:{tmp_path}").fingerprint() != fp
+
+
+def test_folder_source_errors(tmp_path):
+    with pytest.raises(DinodistError, match=str(tmp_path / "missing")):
+        build_source(f"folder:{tmp_path / 'missing'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DinodistError, match="empty"):
+        build_source(f"folder:{tmp_path / 'empty'}")
+    with pytest.raises(DinodistError, match="unknown data source"):
+        build_source("imagenet:/x")
+
+
+def _write_idx(path, arr: np.ndarray, gz: bool):
+    header = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    data = header + arr.astype(np.uint8).tobytes()
+    if gz:
+        with gzip.open(str(path) + ".gz", "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_idx(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (5, 6, 4), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1, 5], dtype=np.uint8)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", imgs, gz)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels, gz)
+    src = build_source(f"fashion-mnist:{tmp_path}:test")
+    assert len(src) == 5 and [src.label(i) for i in range(5)] == labels.tolist()
+    img = src.load(2)
+    assert img.shape == (3, 6, 4) and img.dtype == torch.uint8
+    for c in range(3):
+        assert torch.equal(img[c], torch.from_numpy(imgs[2]))
+    other = tmp_path / "other"
+    other.mkdir()
+    _write_idx(other / "t10k-images-idx3-ubyte", imgs, gz)
+    _write_idx(other / "t10k-labels-idx1-ubyte", labels[::-1].copy(), gz)
+    assert build_source(f"fashion-mnist:{other}:test").fingerprint() != src.fingerprint()
+    with pytest.raises(DinodistError, match="apt-get install dataset-fashion-mnist"):
+        build_source(f"fashion-mnist:{tmp_path}:train")
+
+
+def test_fashion_mnist_bad_file(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x01\x02\x03\x04garbage")
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(2, np.uint8), gz=False)
+    with pytest.raises(DinodistError, match="train-images-idx3-ubyte"):
+        build_source(f"fashion-mnist:{tmp_path}:train")
+
+
+def test_skimage_source_is_colour_photos():
+    src = build_source("skimage")
+    assert len(src) >= 5 and src.name == "skimage" and src.label(0) is None
+    img = src.load(len(src) - 1)
+    assert img.dtype == torch.uint8 and img.shape[0] == 3
+    assert src.fingerprint() == build_source("skimage").fingerprint()
+
+
+# ---------------------------------------------------------------- augment
+
+
+def test_make_crops_shapes_ranges_and_determinism():
+    cfg = CropConfig(global_size=32, local_size=16, n_local=3, gram_size=24)
+    ids, seeds = torch.tensor([4, 9]), torch.tensor([11, 12])
+    out = make_crops(_images(2), ids, seeds, cfg)
+    assert out["global"].shape == (2, 2, 3, 32, 32) and out["local"].shape == (2, 3, 3, 16, 16)
+    assert out["gram"].shape == (2, 2, 3, 24, 24)
+    mean = torch.tensor(cfg.mean).view(3, 1, 1)
+    std = torch.tensor(cfg.std).view(3, 1, 1)
+    for x in out.values():
+        assert x.dtype == torch.float32
+        assert (x >= (0 - mean) / std - 1e-5).all() and (x <= (1 - mean) / std + 1e-5).all()
+    again = make_crops(_images(2), ids, seeds, cfg)
+    assert all(torch.equal(out[k], again[k]) for k in out)
+    other = make_crops(_images(2), ids, torch.tensor([11, 13]), cfg)
+    assert torch.equal(other["global"][0], out["global"][0]) and not torch.equal(
+        other["global"][1], out["global"][1]
+    )
+    # Global crops do not depend on how many local crops are drawn.
+    fewer = make_crops(_images(2), ids, seeds, CropConfig(global_size=32, local_size=16, n_local=1))
+    assert torch.equal(fewer["global"], out["global"]) and torch.equal(
+        fewer["local"][:, 0], out["local"][:, 0]
+    )
+
+
+def test_gram_crop_is_undistorted_global_crop():
+    plain = dict(jitter_prob=0.0, grayscale_prob=0.0, blur_prob_global2=0.0, solarize_prob_global2=0.0)
+    cfg = CropConfig(global_size=32, local_size=16, n_local=1, gram_size=32, **plain)
+    out = make_crops(_images(3), [0, 1, 2], [5, 5, 5], cfg)
+    torch.testing.assert_close(out["gram"], out["global"])
+    distorted = make_crops(
+        _images(3), [0, 1, 2], [5, 5, 5], CropConfig(global_size=32, local_size=16, gram_size=32)
+    )
+    assert not torch.allclose(distorted["gram"], distorted["global"])
+    torch.testing.assert_close(distorted["gram"], out["gram"])  # same box and flip, distortions or not
+
+
+def test_batched_distort_equals_per_crop_loop():
+    cfg = CropConfig(
+        jitter_prob=1.0,
+        grayscale_prob=0.3,
+        blur_prob_global1=0.7,
+        blur_prob_global2=0.7,
+        solarize_prob_global2=0.6,
+    )
+    params = [draw_params(40, 40, i, 7, i % 2, cfg) for i in range(12)]
+    assert (
+        len({p.order for p in params}) > 1 and any(p.gray for p in params) and any(p.solarize for p in params)
+    )
+    x = torch.rand(12, 3, 20, 20)
+    batched = distort(x, params)
+    looped = torch.cat([distort(x[i : i + 1], params[i : i + 1]) for i in range(12)])
+    torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(batched, x)
+
+
+def test_colour_ops_match_references():
+    x = torch.rand(2, 3, 4, 5)
+    hsv = _rgb_to_hsv(x)
+    for i, j in [(0, 0), (2, 3), (3, 4)]:
+        r, g, b = x[1, :, i, j].tolist()
+        torch.testing.assert_close(
+            hsv[1, :, i, j], torch.tensor(colorsys.rgb_to_hsv(r, g, b)), rtol=1e-5, atol=1e-6
+        )
+    back = _hsv_to_rgb(hsv)
+    torch.testing.assert_close(back, x, rtol=1e-5, atol=1e-6)
+    shifted = hsv.clone()
+    shifted[:, 0] = (shifted[:, 0] + 0.37) % 1.0
+    rot = _hsv_to_rgb(shifted)
+    for i, j in [(0, 1), (2, 2), (3, 0)]:
+        ref = torch.tensor(colorsys.hsv_to_rgb(*shifted[0, :, i, j].tolist()))
+        torch.testing.assert_close(rot[0, :, i, j], ref, rtol=1e-5, atol=1e-6)
+    const = torch.full((2, 3, 12, 12), 0.3)
+    torch.testing.assert_close(_gaussian_blur(const, torch.tensor([0.5, 2.0])), const)
+    blurred = _gaussian_blur(x.repeat(1, 1, 3, 3), torch.tensor([1.0, 2.0]))
+    assert blurred.std() < x.std()
+
+
+# ---------------------------------------------------------------- masking
+
+
+def test_mask_counts_ratios_and_probability():
+    n = 200
+    masks = sample_masks(torch.arange(n), torch.full((n,), 9), (8, 8), mask_prob=0.5, ratio=(0.1, 0.5))
+    assert masks.shape == (n, 2, 64) and masks.dtype == torch.bool
+    counts = masks.sum(-1).flatten()
+    masked = counts[counts > 0]
+    assert 140 < masked.numel() < 260  # Binomial(400, .5): ~6 sigma bounds
+    assert masked.min() >= int(64 * 0.1) and masked.max() <= int(64 * 0.5)
+    assert 0.25 < masked.float().mean() / 64 < 0.35  # ratio ~ U(.1, .5), minus int() truncation
+    assert not sample_masks(torch.arange(10), torch.zeros(10), (8, 8), mask_prob=0.0).any()
+    assert (sample_masks(torch.arange(10), torch.zeros(10), (8, 8), mask_prob=1.0).sum(-1) > 0).all()
+
+
+def test_masks_are_per_sample_pure_functions():
+    ids, seeds = torch.tensor([3, 1, 4, 1]), torch.tensor([10, 20, 30, 40])
+    full = sample_masks(ids, seeds, (6, 6), mask_prob=1.0)
+    for b in range(4):
+        assert torch.equal(sample_masks(ids[b : b + 1], seeds[b : b + 1], (6, 6), mask_prob=1.0)[0], full[b])
+    assert not torch.equal(full[1], full[3])  # same id, different seed
+    assert not torch.equal(full[:, 0], full[:, 1])
+    with pytest.raises(DinodistError, match="mask_prob"):
+        sample_masks(ids, seeds, (6, 6), mask_prob=1.5)
+
+
+def test_block_mask_exact_count_and_blocks():
+    import random
+
+    for n in (0, 1, 5, 20, 50):
+        m = block_mask((10, 10), n, random.Random(n))
+        assert int(m.sum()) == n
+    # Block-wise: masked patches have masked 4-neighbours far more often than random placement would.
+    m = block_mask((14, 14), 60, random.Random(0)).view(14, 14)
+    neighbours = (m[1:] & m[:-1]).sum() + (m[:, 1:] & m[:, :-1]).sum()
+    assert neighbours > 60
+
+
+# ---------------------------------------------------------------- collate
+
+
+def test_collate_keys_and_crop_major_order():
+    cfg = CropConfig(global_size=32, local_size=16, n_local=3, gram_size=16)
+    ids, seeds = torch.tensor([0, 1, 2]), torch.tensor([5, 6, 7])
+    crops = make_crops(_images(3), ids, seeds, cfg)
+    masks = sample_masks(ids, seeds, (4, 4), mask_prob=1.0)
+    out = collate(crops, masks)
+    b = 3
+    for c in range(2):
+        for i in range(b):
+            assert torch.equal(out["collated_global_crops"][c * b + i], crops["global"][i, c])
+            assert torch.equal(out["collated_masks"][c * b + i], masks[i, c])
+            assert torch.equal(out["collated_gram_teacher_crops"][c * b + i], crops["gram"][i, c])
+    assert torch.equal(out["collated_local_crops"][2 * b + 1], crops["local"][1, 2])
+    flat = out["collated_masks"].flatten()
+    assert torch.equal(out["mask_indices_list"], flat.nonzero().flatten())
+    assert out["n_masked_patches"].tolist() == [int(flat.sum())]
+    crop_of = out["mask_indices_list"] // 16
+    per_crop = torch.zeros(2 * b).index_add_(0, crop_of, out["masks_weight"])
+    torch.testing.assert_close(per_crop, torch.ones(2 * b))
+    m, k = out["mask_indices_list"].numel(), 7
+    s, t = torch.randn(m, k), torch.softmax(torch.randn(m, k), -1)
+    torch.testing.assert_close(
+        ibot_loss(s, t, out["collated_masks"], masks_weight=out["masks_weight"]),
+        ibot_loss(s, t, out["collated_masks"]),
+    )
+
+
+# ---------------------------------------------------------------- other process, loader
+
+
+def _in_child(ids, seeds):
+    torch.set_num_threads(1)
+    crops, masks = _crops_and_masks(torch.tensor(ids), torch.tensor(seeds), TINY)
+    return {k: v.numpy() for k, v in crops.items()}, masks.numpy()
+
+
+def test_crops_and_masks_bit_identical_in_another_process():
+    ids, seeds = [5, 2, 7], [123, 456, 789]
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        child_crops, child_masks = pool.apply(_in_child, (ids, seeds))
+    crops, masks = _crops_and_masks(torch.tensor(ids), torch.tensor(seeds), TINY)
+    for k, v in crops.items():
+        assert np.array_equal(v.numpy(), child_crops[k]), k
+    assert np.array_equal(masks.numpy(), child_masks)
+
+
+class _ListSource:
+    name = "list"
+
+    def __init__(self, images):
+        self.images = images
+        self.loads = 0
+
+    def __len__(self):
+        return len(self.images)
+
+    def load(self, i):
+        self.loads += 1
+        return self.images[i]
+
+    def label(self, i):
+        return i % 3
+
+
+def test_loader_rows_prefetch_and_cache():
+    src = _ListSource(_images(6))
+    full = BatchLoader(src, TINY, global_batch_size=4, seed=1, rows=slice(0, 4), patch_size=8, prefetch=2)
+    halves = [BatchLoader(src, TINY, 4, 1, rows=slice(r, r + 2), patch_size=8, prefetch=0) for r in (0, 2)]
+    try:
+        for t in range(4):
+            whole = full.get(t)
+            assert torch.equal(whole["collated_global_crops"], full.build(t)["collated_global_crops"])
+            parts = [h.get(t) for h in halves]
+            assert torch.equal(torch.cat([p["sample_ids"] for p in parts]), whole["sample_ids"])
+            assert torch.equal(whole["labels"], whole["sample_ids"] % 3)
+            g = whole["collated_global_crops"].view(2, 4, 3, 32, 32)
+            pg = torch.cat([p["collated_global_crops"].view(2, 2, 3, 32, 32) for p in parts], dim=1)
+            assert torch.equal(g, pg)
+            pm = torch.cat([p["collated_masks"].view(2, 2, -1) for p in parts], dim=1)
+            assert torch.equal(whole["collated_masks"].view(2, 4, -1), pm)
+        assert full.cache.hits > 0 and src.loads <= 3 * 6  # each image decoded once per loader
+    finally:
+        full.close()
+        for h in halves:
+            h.close()
+    with pytest.raises(DinodistError, match="patch_size"):
+        BatchLoader(src, TINY, 4, 1, rows=slice(0, 4), patch_size=5)
+    with pytest.raises(DinodistError, match="rows"):
+        BatchLoader(src, TINY, 4, 1, rows=slice(3, 3), patch_size=8)
