@@ -1,0 +1,381 @@
+"""Cost model: FLOPs and memory per image and per rank for the teacher and each student group.
+
+Time. A group's iteration time is `flops_per_image * G / devices / flops_per_device` (each of its
+ranks takes G/devices images of the global batch G). Communication is not modelled; calibration
+from measured step times (`plan --calibrate RUN_DIR`) absorbs it into a per-group factor.
+
+- teacher: backbone forward on the 2 global crops, plus (targets=heads) the DINO head without its
+  last layer on the 2 CLS tokens and the iBOT head without its last layer on the masked patches.
+- student: 3x (forward + backward; 4x with activation checkpointing, which re-runs the forward) the
+  backbone on 2 global + n local crops and its own heads with last layers (DINO on every crop's
+  CLS, iBOT on the masked patches), plus the forward of the teacher heads' last layers it applies
+  to the received targets.
+  Masked patches per image: 2 crops x mask_probability x mean(mask_ratio) x patches per crop.
+
+Memory per rank (bytes), checked against the device memory minus a runtime reserve:
+- student: 20 B per trainable parameter (fp32 master 4 + fp32 grad 4 + AdamW m, v 8 + fp32 EMA 4),
+  divided by the group size under FSDP, plus two all-gathered bf16 blocks (current + prefetch);
+  the teacher heads' last layers in bf16 (replicated); activations: per token per block, bf16 saves
+  of 10*D + 2*H (MLP: fc1 out, GELU out) or 10*D + 4*H (SwiGLU: w1, w2, gate, product) elements,
+  or with activation checkpointing only the block input D plus one block's full set; logits in
+  fp32: student DINO (2+n crops) x K x 3 (logits, log-softmax, grad), teacher probabilities
+  2 x K x 2 (logits, Sinkhorn-Knopp), iBOT per masked patch K_ibot x 5 (same terms).
+- teacher (frozen): bf16 backbone + heads without last layers, divided by the group size under
+  FSDP (plus two all-gathered blocks); inference activations: one block's working set
+  (D residual + 3D qkv + D attention out + H or 2H FFN hidden, bf16) for the 2 global crops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from core.errors import DinodistError
+from core.models.arch import (
+    ArchSpec,
+    forward_flops,
+    head_flops,
+    head_parameters,
+    num_parameters,
+    num_tokens,
+)
+from orchestrator.topology import Topology
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    kind: str
+    flops: float  # achieved FLOP/s per rank (peak x utilisation)
+    memory_bytes: int
+    reserve_bytes: int  # CUDA context, NCCL buffers, allocator slack / interpreter + torch on CPU
+
+    @property
+    def usable_bytes(self) -> int:
+        return self.memory_bytes - self.reserve_bytes
+
+
+# bf16 dense peak FLOP/s (no sparsity) and the model-FLOPs utilisation we assume before calibration.
+PEAK_BF16 = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
+MEMORY_GIB = {"h100": 80, "h200": 141, "a100": 80}
+DEFAULT_UTILISATION = 0.4
+CPU_FLOPS_PER_RANK = 50e9  # one core per rank, fp32 matmul-bound; calibrate for your host
+GPU_RESERVE = 1 * GIB
+CPU_RESERVE = GIB // 2
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def device_profile(topo: Topology) -> DeviceProfile:
+    c = topo.cluster
+    kind = c.device
+    if kind == "cpu":
+        flops = CPU_FLOPS_PER_RANK
+        # ranks of one node share the host's memory
+        memory = host_memory_bytes() // c.devices_per_node
+        reserve = CPU_RESERVE
+    elif kind in PEAK_BF16:
+        flops = PEAK_BF16[kind] * DEFAULT_UTILISATION
+        memory = MEMORY_GIB[kind] * GIB
+        reserve = GPU_RESERVE
+    else:
+        raise DinodistError(f"cluster.device: {kind!r} was not resolved to a device kind")
+    if c.flops_per_device is not None:
+        flops = c.flops_per_device
+    if c.memory_per_device_gib is not None:
+        memory = int(c.memory_per_device_gib * GIB)
+    return DeviceProfile(kind, flops, memory, reserve)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-image work
+
+
+def masked_patches_per_image(topo: Topology, patch_size: int) -> float:
+    d = topo.data
+    patches = (d.global_crop_size // patch_size) ** 2
+    return 2 * d.mask_probability * (sum(d.mask_ratio) / 2) * patches
+
+
+def teacher_flops_per_image(topo: Topology) -> float:
+    spec = topo.teacher_spec()
+    flops = 2 * forward_flops(spec, topo.data.global_crop_size)
+    if topo.teacher.targets == "heads":
+        m = masked_patches_per_image(topo, spec.patch_size)
+        flops += 2 * head_flops(topo.dino_head(), spec.embed_dim, with_last_layer=False)
+        flops += m * head_flops(topo.ibot_head(), spec.embed_dim, with_last_layer=False)
+    return flops
+
+
+def student_flops_per_image(topo: Topology, name: str) -> float:
+    spec = topo.student_spec(name)
+    d = topo.data
+    s = topo.student(name)
+    fwd = 2 * forward_flops(spec, d.global_crop_size) + d.local_crops * forward_flops(spec, d.local_crop_size)
+    extra = 0.0
+    if topo.teacher.targets == "heads":
+        dino, ibot = topo.student_heads(name)
+        m = masked_patches_per_image(topo, spec.patch_size)
+        fwd += (2 + d.local_crops) * head_flops(dino, spec.embed_dim)
+        fwd += m * head_flops(ibot, spec.embed_dim)
+        # teacher heads' last layers on the received targets: forward only, no gradient
+        t_dino, t_ibot = topo.dino_head(), topo.ibot_head()
+        extra = 2 * 2 * t_dino.bottleneck_dim * t_dino.n_prototypes
+        extra += m * 2 * t_ibot.bottleneck_dim * t_ibot.n_prototypes
+    factor = 4 if s.activation_checkpointing else 3
+    return factor * fwd + extra
+
+
+# ---------------------------------------------------------------------------------------------
+# memory per rank
+
+
+def _block_parameters(spec: ArchSpec) -> int:
+    return num_parameters(replace(spec, depth=2)) - num_parameters(replace(spec, depth=1))
+
+
+def _ffn_elems(spec: ArchSpec) -> int:
+    return 2 * spec.ffn_hidden if spec.ffn_layer == "mlp" else 4 * spec.ffn_hidden
+
+
+def student_memory_per_rank(topo: Topology, name: str, devices: int) -> int:
+    spec = topo.student_spec(name)
+    s = topo.student(name)
+    d = topo.data
+    b = topo.train.global_batch_size // devices
+    params = num_parameters(spec)
+    heads = topo.teacher.targets == "heads"
+    if heads:
+        dino, ibot = topo.student_heads(name)
+        params += head_parameters(dino, spec.embed_dim) + head_parameters(ibot, spec.embed_dim)
+    shard = devices if s.shard == "fsdp" else 1
+    state = 20 * params / shard
+    if s.shard == "fsdp":
+        state += 2 * 2 * _block_parameters(spec)
+    tokens = 2 * num_tokens(spec, d.global_crop_size) + d.local_crops * num_tokens(spec, d.local_crop_size)
+    full_block = (10 * spec.embed_dim + _ffn_elems(spec)) * 2
+    if s.activation_checkpointing:
+        act = b * tokens * (spec.depth * spec.embed_dim * 2 + full_block)
+    else:
+        act = b * tokens * spec.depth * full_block
+    if heads:
+        t_dino, t_ibot = topo.dino_head(), topo.ibot_head()
+        last_layers = t_dino.bottleneck_dim * t_dino.n_prototypes
+        last_layers += t_ibot.bottleneck_dim * t_ibot.n_prototypes
+        state += 2 * last_layers
+        m = masked_patches_per_image(topo, spec.patch_size)
+        act += b * 4 * ((2 + d.local_crops) * 3 * dino.n_prototypes + 2 * 2 * t_dino.n_prototypes)
+        act += b * 4 * m * 5 * ibot.n_prototypes
+    return int(state + act)
+
+
+def teacher_memory_per_rank(topo: Topology, devices: int) -> int:
+    spec = topo.teacher_spec()
+    b = topo.train.global_batch_size // devices
+    params = num_parameters(spec)
+    if topo.teacher.targets == "heads":
+        params += head_parameters(topo.dino_head(), spec.embed_dim, with_last_layer=False)
+        params += head_parameters(topo.ibot_head(), spec.embed_dim, with_last_layer=False)
+    fsdp = topo.teacher.shard == "fsdp"
+    state = 2 * params / (devices if fsdp else 1)
+    if fsdp:
+        state += 2 * 2 * _block_parameters(spec)
+    ffn = spec.ffn_hidden * (1 if spec.ffn_layer == "mlp" else 2)
+    act = b * 2 * num_tokens(spec, topo.data.global_crop_size) * (5 * spec.embed_dim + ffn) * 2
+    return int(state + act)
+
+
+# ---------------------------------------------------------------------------------------------
+# groups as the allocator sees them
+
+
+@dataclass(frozen=True)
+class GroupCost:
+    name: str
+    role: str  # "teacher" | "student"
+    arch: str
+    fixed_devices: int | None
+    flops_per_image: float
+    scale: float = 1.0  # calibration: measured / predicted
+
+    def seconds_per_image(self, profile: DeviceProfile) -> float:
+        return self.flops_per_image * self.scale / profile.flops
+
+
+def group_costs(topo: Topology, calibration: dict[str, float] | None = None) -> list[GroupCost]:
+    cal = calibration or {}
+    t = topo.teacher
+    out = [GroupCost("teacher", "teacher", t.arch, None if t.devices == "auto" else int(t.devices),
+                     teacher_flops_per_image(topo), cal.get("teacher", 1.0))]
+    for s in topo.students:
+        out.append(GroupCost(s.name, "student", s.arch, None if s.devices == "auto" else int(s.devices),
+                             student_flops_per_image(topo, s.name), cal.get(s.name, 1.0)))
+    return out
+
+
+def memory_per_rank(topo: Topology, group: str, devices: int) -> int:
+    if group == "teacher":
+        return teacher_memory_per_rank(topo, devices)
+    return student_memory_per_rank(topo, group, devices)
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration from a previous run
+
+
+def read_step_seconds(metrics_file: Path, skip_fraction: float = 0.2) -> tuple[float, float] | None:
+    """(median step_seconds, median images) of a group's metrics.jsonl after warm-up, None if empty."""
+    rows = []
+    with metrics_file.open() as fh:
+        for n, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise DinodistError(f"{metrics_file}:{n}: not a JSON line") from None
+            if "step_seconds" in rec:
+                rows.append(rec)
+    rows = rows[int(len(rows) * skip_fraction):]
+    if not rows:
+        return None
+    step = statistics.median(float(r["step_seconds"]) for r in rows)
+    images = statistics.median(float(r.get("images", 0) or 0) for r in rows)
+    return step, images
+
+
+def calibrate(topo: Topology, run_dir: str | Path, devices: dict[str, int]) -> dict[str, float]:
+    """Per-group factor measured/predicted from `<run_dir>/<group>/metrics.jsonl`.
+
+    `step_seconds` is the group's compute time per iteration (its wait is the separate
+    `wait_seconds`). The run's group sizes come from `<run_dir>/plan.json` when the run saved one,
+    otherwise from `devices` (the plan being calibrated); `images` (global batch of that run)
+    falls back to this topology's global batch.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DinodistError(f"--calibrate: run folder not found: {run_dir}")
+    run_devices = dict(devices)
+    plan_file = run_dir / "plan.json"
+    if plan_file.is_file():
+        try:
+            saved = json.loads(plan_file.read_text())["groups"]
+            run_devices.update({g["name"]: int(g["devices"]) for g in saved})
+        except (ValueError, KeyError, TypeError):
+            raise DinodistError(f"{plan_file}: not a plan --json file") from None
+    profile = device_profile(topo)
+    factors: dict[str, float] = {}
+    for g in group_costs(topo):
+        f = run_dir / g.name / "metrics.jsonl"
+        if not f.is_file():
+            continue
+        measured = read_step_seconds(f)
+        if measured is None:
+            continue
+        step, images = measured
+        images = images or topo.train.global_batch_size
+        predicted = g.seconds_per_image(profile) * images / run_devices[g.name]
+        if step > 0 and predicted > 0:
+            factors[g.name] = step / predicted
+    if not factors:
+        raise DinodistError(f"--calibrate: no <group>/metrics.jsonl with step_seconds under {run_dir}")
+    return factors
+
+
+# ---------------------------------------------------------------------------------------------
+# the official colocated multi-distillation, through the same cost model
+
+OFFICIAL_SPLIT = (("vits16", 48), ("vits16plus", 48), ("vitb16", 80), ("vitl16", 120))
+OFFICIAL_GLOBAL_BATCH = 1920
+
+
+def official_topology_dict(device: str = "h100", global_batch: int = OFFICIAL_GLOBAL_BATCH,
+                           split: tuple[tuple[str, int], ...] = OFFICIAL_SPLIT, auto: bool = False) -> dict:
+    """The released multidistillation workload as a topology: 7B teacher with paper heads,
+    256/112 crops with 8 local, students with full activation checkpointing (as released)."""
+    world = sum(n for _, n in split)
+    # with fixed student counts the (colocated) teacher gets one spare node so the spec validates;
+    # official_colocated() only reads the per-image costs from it
+    nodes = math.ceil(world / 8) + (0 if auto else 1)
+    return {
+        "name": "official-multidist",
+        "cluster": {"nodes": nodes, "devices_per_node": 8, "device": device},
+        "teacher": {"arch": "vit7b16", "devices": "auto"},
+        "students": [{"name": a, "arch": a, "devices": "auto" if auto else n,
+                      "activation_checkpointing": True} for a, n in split],
+        "data": {"global_crop_size": 256, "local_crop_size": 112, "local_crops": 8},
+        "train": {"global_batch_size": global_batch, "iterations": 1},
+        "control": {"secret_env": "DINODIST_SECRET"},
+        "output": "runs/official",
+    }
+
+
+def official_colocated(topo: Topology, split: dict[str, int]) -> dict:
+    """Official design: every rank of the world runs the teacher (FSDP over all ranks) on its
+    ceil(G/W) images, then its student group's step on G/n images; all ranks sync every
+    iteration (world all_gather of targets), so the slowest group sets the pace."""
+    profile = device_profile(topo)
+    g = topo.train.global_batch_size
+    world = sum(split.values())
+    t_img = teacher_flops_per_image(topo) / profile.flops
+    t_teacher = math.ceil(g / world) * t_img
+    groups = []
+    for name, n in split.items():
+        if g % n:
+            raise DinodistError(f"official split: global batch {g} not divisible by {n} ranks of {name}")
+        t = t_teacher + (g // n) * student_flops_per_image(topo, name) / profile.flops
+        groups.append({"name": name, "devices": n, "batch_per_rank": g // n, "seconds_per_iteration": t})
+    t_max = max(x["seconds_per_iteration"] for x in groups)
+    for x in groups:
+        x["wait_fraction"] = 1 - x["seconds_per_iteration"] / t_max
+    busy = sum(x["devices"] * x["seconds_per_iteration"] for x in groups)
+    return {"design": "official colocated", "devices": world, "seconds_per_iteration": t_max,
+            "images_per_second": g / t_max, "teacher_seconds_per_rank": t_teacher,
+            "idle_fraction": 1 - busy / (world * t_max), "groups": groups}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from orchestrator.allocate import make_plan, plan_table  # allocate imports this module
+    from orchestrator.topology import parse_topology
+
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.cost", description=(
+        "Cost-model comparisons. --official: the released colocated multidistillation "
+        "(7B teacher on all 296 ranks, students 48/48/80/120) vs. dinodist's matched groups "
+        "on the same workload and device count."))
+    parser.add_argument("--official", action="store_true", required=True)
+    parser.add_argument("--device", default="h100", choices=sorted(PEAK_BF16))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    fixed = parse_topology(official_topology_dict(args.device))
+    official = official_colocated(fixed, dict(OFFICIAL_SPLIT))
+    ours_topo = parse_topology(official_topology_dict(args.device, auto=True))
+    ours = make_plan(ours_topo, devices=official["devices"])
+    if args.json:
+        print(json.dumps({"official": official, "dinodist": ours.to_dict()}, indent=1))
+        return 0
+    print(f"workload: 7B teacher + {', '.join(a for a, _ in OFFICIAL_SPLIT)}, global batch "
+          f"{OFFICIAL_GLOBAL_BATCH}, {official['devices']} x {args.device}")
+    print(f"official colocated: {official['seconds_per_iteration']:.3f} s/iter, "
+          f"{official['images_per_second']:.0f} img/s, idle {100 * official['idle_fraction']:.1f} %")
+    for x in official["groups"]:
+        print(f"  {x['name']:<12} {x['devices']:>4} ranks  batch/rank {x['batch_per_rank']:>3}  "
+              f"{x['seconds_per_iteration']:.3f} s  wait {100 * x['wait_fraction']:.1f} %")
+    print(f"dinodist matched groups: {ours.seconds_per_iteration:.3f} s/iter, "
+          f"{OFFICIAL_GLOBAL_BATCH / ours.seconds_per_iteration:.0f} img/s, "
+          f"speed-up x{official['seconds_per_iteration'] / ours.seconds_per_iteration:.2f}")
+    print(plan_table(ours))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Launch files generated from a topology's plan: per-node torchrun scripts, an sbatch script, and
+Kubernetes manifests (Kubeflow Trainer v2 TrainJob, or the older PyTorchJob).
+
+Every launcher starts the same program on every rank, `python -m orchestrator.rank TOPOLOGY`,
+under torchrun (c10d rendezvous, env:// variables). The rank reads the topology, recomputes the
+plan (it is deterministic) and finds its group from its global rank: teacher ranks first, then the
+students in listed order. Node 0 hosts the rendezvous and the control plane (zmq ROUTER at
+`control.port`, `/metrics` at `metrics.port`); ranks find it through `DINODIST_CONTROL`.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from core.errors import DinodistError
+from orchestrator.allocate import Plan
+from orchestrator.topology import Topology
+
+CONTROL_ENV = "DINODIST_CONTROL"  # the address ranks dial, as orchestrator.launch sets it locally
+DEFAULT_CONTROL_PORT = 29600  # used when the topology leaves control.port at 0 (ephemeral)
+RDZV_PORT = 29400
+TOPOLOGY_MOUNT = "/etc/dinodist/topology.yaml"
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    topology: Topology
+    plan: Plan
+    topology_path: str  # where the topology file is on the cluster's nodes
+    topology_text: str  # the file as the user wrote it: relative paths resolve on the cluster
+    max_restarts: int = 3
+    image: str = "dinodist:latest"
+    namespace: str | None = None
+
+    @property
+    def job(self) -> str:
+        # DNS-1123 label: Kubernetes object names and the rendezvous id
+        name = "".join(c if c.isalnum() else "-" for c in self.topology.name.lower()).strip("-")
+        return name[:50] or "dinodist"
+
+    @property
+    def control_port(self) -> int:
+        return self.topology.control.port or DEFAULT_CONTROL_PORT
+
+    @property
+    def nodes(self) -> int:
+        return self.plan.nodes
+
+    def nproc(self, node: int) -> int:
+        return self.plan.ranks_on_node(node)
+
+    @property
+    def uniform(self) -> bool:
+        return all(self.nproc(n) == self.nproc(0) for n in range(self.nodes))
+
+    @property
+    def gpu(self) -> bool:
+        return self.plan.device != "cpu"
+
+
+def rank_map_lines(spec: LaunchSpec, prefix: str = "# ") -> list[str]:
+    out = [f"{prefix}plan: {spec.plan.used_devices} ranks on {spec.nodes} nodes "
+           f"({spec.plan.device}), {spec.plan.seconds_per_iteration:.3f} s/iter predicted"]
+    for g in spec.plan.groups:
+        where = ", ".join(f"node {n}: {c}" for n, _, c in g.placement)
+        out.append(f"{prefix}  {g.name:<14} ranks {g.ranks[0]}..{g.ranks[-1]}  ({where})")
+    return out
+
+
+def torchrun_argv(spec: LaunchSpec, nproc: str, head: str) -> list[str]:
+    return [
+        "torchrun",
+        f"--nnodes={spec.nodes}",
+        f"--nproc-per-node={nproc}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={head}:{RDZV_PORT}",
+        f"--rdzv-id={spec.job}",
+        f"--max-restarts={spec.max_restarts}",
+        "-m", "orchestrator.rank", spec.topology_path,
+    ]
+
+
+def _secret_check(spec: LaunchSpec) -> list[str]:
+    # fail before anything starts: ranks would otherwise be refused by the control plane one by one
+    secret = spec.topology.control.secret_env
+    if not secret:
+        return []
+    return [f': "${{{secret}:?export {secret} (control-plane shared secret) on every node}}"']
+
+
+def _env_lines(spec: LaunchSpec, head: str) -> list[str]:
+    lines = [f'export {CONTROL_ENV}="tcp://{head}:{spec.control_port}"']
+    if spec.gpu:
+        lines.append("export CUDA_DEVICE_ORDER=PCI_BUS_ID")
+    return lines
+
+
+def torchrun_scripts(spec: LaunchSpec) -> dict[str, str]:
+    """One script per node; run each on its node with HEAD_ADDR set to node 0's address."""
+    files = {}
+    for node in range(spec.nodes):
+        argv = torchrun_argv(spec, str(spec.nproc(node)), "${HEAD_ADDR}")
+        cmd = " ".join(a if "${" in a else shlex.quote(a) for a in argv)
+        lines = [
+            "#!/usr/bin/env bash",
+            f"# dinodist deploy torchrun: node {node} of {spec.nodes} for topology {spec.topology.name}",
+            *rank_map_lines(spec),
+            "set -euo pipefail",
+            *_secret_check(spec),
+            ': "${HEAD_ADDR:?set HEAD_ADDR to the address of node 0 (rendezvous and control plane)}"',
+            *_env_lines(spec, "${HEAD_ADDR}"),
+            f"exec {cmd}",
+            "",
+        ]
+        files[f"node-{node}.sh"] = "\n".join(lines)
+    return files
+
+
+def sbatch_script(spec: LaunchSpec) -> str:
+    nprocs = " ".join(str(spec.nproc(n)) for n in range(spec.nodes))
+    per_node = spec.topology.cluster.devices_per_node
+    flag = "gpus-per-node" if spec.gpu else "cpus-per-task"
+    argv = torchrun_argv(spec, "${nproc}", "${HEAD_ADDR}")
+    inner = " ".join(a if "${" in a else shlex.quote(a) for a in argv)
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={spec.job}",
+        f"#SBATCH --nodes={spec.nodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --{flag}={per_node}",
+        "#SBATCH --output=slurm-%j.out",
+        f"# dinodist deploy slurm for topology {spec.topology.name}",
+        *rank_map_lines(spec),
+        "set -euo pipefail",
+        *_secret_check(spec),
+        'mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")',
+        'export HEAD_ADDR="${NODES[0]}"',
+        *_env_lines(spec, "${HEAD_ADDR}"),
+        f'export DINODIST_NPROC="{nprocs}"  # ranks per node, in node order',
+        "# one task per node; each runs torchrun with its node's rank count",
+        "run_node() {",
+        '  local counts nproc',
+        '  read -r -a counts <<< "$DINODIST_NPROC"',
+        '  nproc="${counts[$SLURM_NODEID]}"',
+        f"  exec {inner}",
+        "}",
+        "export -f run_node",
+        "srun --kill-on-bad-exit=1 bash -c run_node",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes
+
+
+def _meta(spec: LaunchSpec, name: str, **extra) -> dict:
+    meta = {"name": name, "labels": {"app.kubernetes.io/name": "dinodist", "dinodist/topology": spec.job}}
+    if spec.namespace:
+        meta["namespace"] = spec.namespace
+    meta.update(extra)
+    return meta
+
+
+def _container_env(spec: LaunchSpec) -> list[dict]:
+    env = [{"name": CONTROL_ENV, "value": f"tcp://{spec.job}-control:{spec.control_port}"}]
+    if spec.gpu:
+        env.append({"name": "CUDA_DEVICE_ORDER", "value": "PCI_BUS_ID"})
+    secret = spec.topology.control.secret_env
+    if secret:
+        ref = {"secretKeyRef": {"name": f"{spec.job}-control", "key": "secret"}}
+        env.append({"name": secret, "valueFrom": ref})
+    return env
+
+
+def _resources(spec: LaunchSpec) -> dict:
+    n = spec.nproc(0)
+    if spec.gpu:
+        return {"limits": {"nvidia.com/gpu": n}}
+    return {"requests": {"cpu": n}, "limits": {"cpu": n}}
+
+
+def _head_selector(spec: LaunchSpec, kind: str) -> dict:
+    if kind == "trainjob":  # Trainer v2 runs the nodes as a JobSet replicated job "node"
+        return {"jobset.sigs.k8s.io/jobset-name": spec.job, "batch.kubernetes.io/job-completion-index": "0"}
+    return {"training.kubeflow.org/job-name": spec.job, "training.kubeflow.org/replica-type": "master"}
+
+
+def k8s_manifests(spec: LaunchSpec, kind: str = "trainjob") -> str:
+    if kind not in ("trainjob", "pytorchjob"):
+        raise DinodistError(f"--k8s-kind: {kind!r} is not trainjob or pytorchjob")
+    if not spec.uniform:
+        raise DinodistError(
+            f"deploy k8s: the plan uses {spec.plan.used_devices} devices, not whole nodes of "
+            f"{spec.topology.cluster.devices_per_node} (Kubernetes runs the same rank count per pod); "
+            "pin group devices or change cluster.devices_per_node"
+        )
+    topo_text = spec.topology_text
+    config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(spec, f"{spec.job}-topology"),
+              "data": {"topology.yaml": topo_text}}
+    ports = [{"name": "control", "port": spec.control_port}, {"name": "rdzv", "port": RDZV_PORT},
+             {"name": "metrics", "port": spec.topology.metrics.port}]
+    service = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _meta(spec, f"{spec.job}-control", annotations={
+            "prometheus.io/scrape": "true", "prometheus.io/port": str(spec.topology.metrics.port),
+            "prometheus.io/path": "/metrics"}),
+        "spec": {"clusterIP": "None", "selector": _head_selector(spec, kind), "ports": ports,
+                 "publishNotReadyAddresses": True},
+    }
+    volume = {"name": "topology", "configMap": {"name": f"{spec.job}-topology"}}
+    mount = {"name": "topology", "mountPath": str(Path(TOPOLOGY_MOUNT).parent), "readOnly": True}
+    command = ["torchrun", f"--max-restarts={spec.max_restarts}", "-m", "orchestrator.rank", TOPOLOGY_MOUNT]
+    annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(spec.topology.metrics.port)}
+    if kind == "trainjob":
+        job = {
+            "apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
+            "metadata": _meta(spec, spec.job, annotations=annotations),
+            "spec": {
+                "runtimeRef": {"name": "torch-distributed"},
+                "trainer": {
+                    "image": spec.image, "command": command, "numNodes": spec.nodes,
+                    "numProcPerNode": spec.nproc(0), "resourcesPerNode": _resources(spec),
+                    "env": _container_env(spec),
+                },
+                "podTemplateOverrides": [{
+                    "targetJobs": [{"name": "node"}],
+                    "metadata": {"annotations": annotations},
+                    "spec": {"volumes": [volume], "containers": [{"name": "node", "volumeMounts": [mount]}]},
+                }],
+            },
+        }
+    else:
+        def replica(n: int) -> dict:
+            return {"replicas": n, "restartPolicy": "OnFailure", "template": {
+                "metadata": {"annotations": annotations},
+                "spec": {"volumes": [volume], "containers": [{
+                    "name": "pytorch", "image": spec.image, "command": command,
+                    "env": _container_env(spec), "resources": _resources(spec), "volumeMounts": [mount]}]}}}
+        specs = {"Master": replica(1)}
+        if spec.nodes > 1:
+            specs["Worker"] = replica(spec.nodes - 1)
+        job = {
+            "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+            "metadata": _meta(spec, spec.job, annotations=annotations),
+            "spec": {"nprocPerNode": str(spec.nproc(0)), "pytorchReplicaSpecs": specs},
+        }
+    header = "\n".join(rank_map_lines(spec)) + "\n"
+    return header + yaml.safe_dump_all([config, service, job], sort_keys=False)
+
+
+def write_launch_files(
+    target: str, spec: LaunchSpec, out_dir: str | Path, k8s_kind: str = "trainjob"
+) -> list[Path]:
+    out = Path(out_dir)
+    if target == "torchrun":
+        files = torchrun_scripts(spec)
+    elif target == "slurm":
+        files = {f"{spec.job}.sbatch": sbatch_script(spec)}
+    elif target == "k8s":
+        files = {f"{spec.job}-{k8s_kind}.yaml": k8s_manifests(spec, k8s_kind)}
+    else:
+        raise DinodistError(f"deploy: unknown target {target!r}; use torchrun, slurm or k8s")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DinodistError(f"--out: cannot create {out}: {exc.strerror}") from None
+    paths = []
+    for name, text in files.items():
+        p = out / name
+        p.write_text(text)
+        if name.endswith((".sh", ".sbatch")):
+            p.chmod(0o755)
+        paths.append(p)
+    return paths

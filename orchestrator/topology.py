@@ -1,0 +1,502 @@
+"""The distillation topology: one YAML file, validated once, up front, into a pydantic model.
+
+Every problem is a one-line `DinodistError` naming the field path (`students[1].arch: ...`), so
+the CLI can print it as is. Relative paths in the file (teacher checkpoint, store path, output)
+resolve against the current working directory of the process that loads it, not against the
+YAML file's folder: that is how every other CLI path argument behaves, and it keeps a resolved
+topology (absolute paths) meaning the same thing when it is copied into a run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from core.errors import DinodistError
+from core.models.arch import (
+    PAPER_DINO_HEAD,
+    PAPER_IBOT_HEAD,
+    PRESETS,
+    TINY_DINO_HEAD,
+    TINY_IBOT_HEAD,
+    ArchSpec,
+    HeadSpec,
+    get_arch,
+)
+
+log = logging.getLogger(__name__)
+
+DeviceKind = Literal["cpu", "h100", "h200", "a100"]
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_RESERVED_NAMES = {"teacher"}  # the teacher's output folder and metrics label
+
+
+class _Strict(BaseModel):
+    # strict: a quoted "2" is a wrong type, not a number; users are told rather than guessed for
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _devices_value(v: Any) -> Any:
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+        return v
+    raise ValueError(f"must be a positive integer or 'auto', got {v!r}")
+
+
+class Cluster(_Strict):
+    nodes: int = Field(1, gt=0)
+    devices_per_node: int = Field(gt=0)
+    device: Literal["cpu", "h100", "h200", "a100", "auto"] = "cpu"
+    flops_per_device: float | None = Field(None, gt=0)  # achieved FLOP/s per rank; overrides the table
+    memory_per_device_gib: float | None = Field(None, gt=0)  # overrides the table / host memory share
+
+    @property
+    def total_devices(self) -> int:
+        return self.nodes * self.devices_per_node
+
+
+class HeadConfig(_Strict):
+    # every field optional: a partial mapping is merged over the arch's default head
+    hidden_dim: int | None = Field(None, gt=0)
+    bottleneck_dim: int | None = Field(None, gt=0)
+    n_prototypes: int | None = Field(None, gt=0)
+    nlayers: int | None = Field(None, ge=1)
+
+    def resolve(self, default: HeadSpec) -> HeadSpec:
+        given = {k: v for k, v in self.model_dump().items() if v is not None}
+        return HeadSpec(**{**default.__dict__, **given})
+
+
+class Teacher(_Strict):
+    arch: str
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None
+    targets: Literal["heads", "features"] = "heads"
+    shard: Literal["fsdp", "replicate"] = "fsdp"
+    devices: int | str = "auto"
+    dino_head: HeadConfig = Field(default_factory=HeadConfig)
+    ibot_head: HeadConfig = Field(default_factory=HeadConfig)
+
+    _check_devices = field_validator("devices", mode="before")(_devices_value)
+
+
+class StudentOptim(_Strict):
+    """Per-student overrides of the `train:` optimisation settings (unset: the `train:` value)."""
+
+    lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    ema: float | None = Field(None, ge=0, le=1)
+    clip_grad: float | None = Field(None, ge=0)
+    warmup_iterations: int | None = Field(None, ge=0)
+    layerwise_decay: float | None = Field(None, gt=0, le=1)
+    student_temp: float | None = Field(None, gt=0)
+    koleo_weight: float | None = Field(None, ge=0)
+    ibot_weight: float | None = Field(None, ge=0)
+
+
+class Student(_Strict):
+    name: str
+    arch: str
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    devices: int | str = "auto"
+    batch_per_rank: int | None = Field(None, gt=0)  # derived (global batch / devices); if given, must agree
+    shard: Literal["fsdp", "ddp"] = "fsdp"
+    activation_checkpointing: bool = False
+    dino_head: HeadConfig = Field(default_factory=HeadConfig)
+    ibot_head: HeadConfig = Field(default_factory=HeadConfig)
+    optim: StudentOptim = Field(default_factory=StudentOptim)
+
+    _check_devices = field_validator("devices", mode="before")(_devices_value)
+
+
+class Data(_Strict):
+    source: str = "skimage"
+    global_crop_size: int = Field(256, gt=0)
+    local_crop_size: int = Field(112, gt=0)
+    local_crops: int = Field(8, ge=0)
+    flips: bool = False
+    mask_probability: float = Field(0.5, ge=0, le=1)
+    mask_ratio: tuple[float, float] = Field((0.1, 0.5), strict=False)  # YAML gives a list
+
+
+class Train(_Strict):
+    global_batch_size: int = Field(gt=0)
+    iterations: int = Field(gt=0)
+    seed: int = 0
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.04, ge=0)
+    layerwise_decay: float = Field(0.99, gt=0, le=1)
+    ema: float = Field(0.994, ge=0, le=1)
+    teacher_temp: float = Field(0.07, gt=0)
+    student_temp: float = Field(0.1, gt=0)
+    koleo_weight: float = Field(0.1, ge=0)
+    ibot_weight: float = Field(1.0, ge=0)
+    clip_grad: float = Field(3.0, ge=0)
+    warmup_iterations: int = Field(0, ge=0)
+    checkpoint_every: int | None = Field(None, gt=0)
+    prefetch_depth: int = Field(1, ge=1)
+
+
+class Metrics(_Strict):
+    port: int = Field(9400, ge=0, le=65535)
+
+
+class Control(_Strict):
+    bind: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)
+    secret_env: str | None = None  # name of the environment variable holding the shared secret
+    heartbeat_timeout_s: float = Field(10.0, gt=0)
+
+
+class Store(_Strict):
+    path: str
+    dtype: Literal["bf16", "int8", "fp32"] = "bf16"
+    retain: int | Literal["all"] = "all"
+
+    @field_validator("retain")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("must be 'all' or a positive number of iterations")
+        return v
+
+
+class Topology(_Strict):
+    name: str
+    backend: Literal["gloo", "nccl", "auto"] = "auto"
+    cluster: Cluster
+    teacher: Teacher
+    students: list[Student]
+    data: Data = Field(default_factory=Data)
+    train: Train
+    metrics: Metrics = Field(default_factory=Metrics)
+    control: Control = Field(default_factory=Control)
+    store: Store | None = None
+    output: str
+
+    # -- resolved views used by the allocator, the launchers and the group programs --
+
+    @property
+    def total_devices(self) -> int:
+        return self.cluster.total_devices
+
+    @property
+    def group_names(self) -> list[str]:
+        return ["teacher"] + [s.name for s in self.students]
+
+    def teacher_spec(self) -> ArchSpec:
+        return get_arch(self.teacher.arch, **self.teacher.overrides)
+
+    def student(self, name: str) -> Student:
+        for s in self.students:
+            if s.name == name:
+                return s
+        raise DinodistError(f"students: no student named {name!r}; known: {', '.join(self.group_names[1:])}")
+
+    def student_spec(self, name: str) -> ArchSpec:
+        s = self.student(name)
+        return get_arch(s.arch, **s.overrides)
+
+    def dino_head(self) -> HeadSpec:
+        """The teacher's DINO head (students' heads default to the same sizes)."""
+        return self.teacher.dino_head.resolve(_default_heads(self.teacher.arch)[0])
+
+    def ibot_head(self) -> HeadSpec:
+        return self.teacher.ibot_head.resolve(_default_heads(self.teacher.arch)[1])
+
+    def student_heads(self, name: str) -> tuple[HeadSpec, HeadSpec]:
+        s = self.student(name)
+        return s.dino_head.resolve(self.dino_head()), s.ibot_head.resolve(self.ibot_head())
+
+    def student_train(self, name: str) -> dict[str, Any]:
+        """`train:` settings with the student's `optim:` overrides applied."""
+        merged = self.train.model_dump()
+        merged.update({k: v for k, v in self.student(name).optim.model_dump().items() if v is not None})
+        return merged
+
+    def resolved_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "gloo" if self.cluster.device == "cpu" else "nccl"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _default_heads(arch: str) -> tuple[HeadSpec, HeadSpec]:
+    if arch in PRESETS:
+        return TINY_DINO_HEAD, TINY_IBOT_HEAD
+    return PAPER_DINO_HEAD, PAPER_IBOT_HEAD
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+def format_loc(loc: Sequence[Any]) -> str:
+    """('students', 1, 'arch') -> 'students[1].arch'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def validation_error_line(exc: ValidationError) -> str:
+    """The first pydantic error as one line: `field.path: message`."""
+    err = exc.errors()[0]
+    loc = list(err.get("loc", ()))
+    kind = err.get("type", "")
+    if kind == "extra_forbidden" and loc:
+        key = loc.pop()
+        return f"{format_loc(loc) or 'topology'}: unknown key {key!r}"
+    msg = str(err.get("msg", "invalid value"))
+    msg = msg.removeprefix("Value error, ")
+    if kind == "missing":
+        msg = "required field is missing"
+    if kind.endswith("_type") and "input" in err:
+        msg = f"{msg}, got {type(err['input']).__name__} {err['input']!r}"
+    where = format_loc(loc) or "topology"
+    return " ".join(f"{where}: {msg}".split())  # pydantic messages can carry newlines
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_topology(
+    path: str | Path,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    *,
+    check_paths: bool = True,
+) -> Topology:
+    """Read, override, validate and resolve a topology file.
+
+    `overrides`: `{"train.iterations": 5, "students[1].devices": 2}` or `["train.iterations=5"]`
+    (values in the string form are parsed as YAML scalars). `check_paths=False` skips the
+    existence check of the teacher checkpoint (used by `deploy`, which writes files for another
+    machine).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DinodistError(f"{path}: topology file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise DinodistError(f"{path}{line}: invalid YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise DinodistError(f"{path}: a topology must be a YAML mapping, got {type(raw).__name__}")
+    for key, value in _parse_overrides(overrides):
+        _apply_override(raw, key, value)
+    return parse_topology(raw, check_paths=check_paths)
+
+
+def parse_topology(raw: dict[str, Any], *, check_paths: bool = True) -> Topology:
+    """Validate, resolve and check a topology mapping (what `load_topology` does after the YAML)."""
+    try:
+        topo = Topology.model_validate(raw)
+    except ValidationError as exc:
+        raise DinodistError(validation_error_line(exc)) from None
+    _resolve(topo, check_paths)
+    check_topology(topo)
+    return topo
+
+
+def _parse_overrides(overrides: Mapping[str, Any] | Sequence[str] | None) -> list[tuple[str, Any]]:
+    if not overrides:
+        return []
+    if isinstance(overrides, Mapping):
+        return list(overrides.items())
+    pairs = []
+    for item in overrides:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key:
+            raise DinodistError(f"override {item!r}: expected KEY=VALUE, e.g. train.iterations=10")
+        pairs.append((key.strip(), yaml.safe_load(value)))
+    return pairs
+
+
+def _apply_override(raw: dict, key: str, value: Any) -> None:
+    parts: list[str | int] = []
+    for tok in re.findall(r"[^.\[\]]+|\[\d+\]", key):
+        parts.append(int(tok[1:-1]) if tok.startswith("[") else (int(tok) if tok.isdigit() else tok))
+    if not parts:
+        raise DinodistError(f"override {key!r}: empty key")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(part, int):
+            if not isinstance(node, list) or not -len(node) <= part < len(node):
+                raise DinodistError(f"override {key!r}: index {part} out of range")
+            if last:
+                node[part] = value
+            else:
+                node = node[part]
+        else:
+            if not isinstance(node, dict):
+                raise DinodistError(f"override {key!r}: {part!r} is not inside a mapping")
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+
+
+def discover_device() -> str:
+    """`cluster.device: auto`: the GPU kind NVML reports on this machine, `cpu` without NVML or GPUs."""
+    from orchestrator.gpu import discover  # NVML is only touched when a topology asks for it
+
+    gpus = discover()
+    if not gpus:
+        return "cpu"
+    name = gpus[0].name
+    for kind in ("h200", "h100", "a100"):
+        if kind in name.lower():
+            return kind
+    raise DinodistError(
+        f"cluster.device: auto found GPU {name!r} with no throughput default; "
+        "set cluster.device and cluster.flops_per_device"
+    )
+
+
+def _resolve(topo: Topology, check_paths: bool) -> None:
+    # Topology is strict but not frozen: resolution rewrites a few fields in place, once
+    if topo.cluster.device == "auto":
+        topo.cluster.device = discover_device()
+    if topo.teacher.checkpoint is not None:
+        ckpt = Path(topo.teacher.checkpoint).expanduser().resolve()
+        if check_paths and not ckpt.is_file():
+            raise DinodistError(f"teacher.checkpoint: file not found: {ckpt}")
+        topo.teacher.checkpoint = str(ckpt)
+    if topo.store is not None:
+        topo.store.path = str(Path(topo.store.path).expanduser().resolve())
+    topo.output = str(Path(topo.output).expanduser().resolve())
+
+
+def warn_if_random_teacher(topo: Topology) -> None:
+    """Loud warning for a teacher without checkpoint (random init): fine for tests, useless for users."""
+    if topo.teacher.checkpoint is None:
+        log.warning(
+            "teacher.checkpoint is not set: the %s teacher is RANDOMLY INITIALISED; "
+            "students will distill noise", topo.teacher.arch,
+        )
+
+
+def _arch(path: str, name: str, overrides: dict[str, Any]) -> ArchSpec:
+    try:
+        get_arch(name)
+    except DinodistError as exc:
+        raise DinodistError(f"{path}.arch: {exc}") from None
+    try:
+        return get_arch(name, **overrides)
+    except (DinodistError, TypeError, ValueError) as exc:
+        raise DinodistError(f"{path}.overrides: {exc}") from None
+
+
+def check_topology(topo: Topology) -> None:
+    """Cross-field rules pydantic cannot express per field; each error names its field path."""
+    t_spec = _arch("teacher", topo.teacher.arch, topo.teacher.overrides)
+    g = topo.train.global_batch_size
+    if not topo.students:
+        raise DinodistError("students: at least one student is required")
+    if not _NAME_RE.match(topo.name):
+        raise DinodistError(f"name: {topo.name!r} must be letters, digits, '_', '.', '-'")
+
+    if topo.resolved_backend() == "nccl" and topo.cluster.device == "cpu":
+        raise DinodistError("backend: nccl needs GPUs but cluster.device is cpu; use gloo")
+    if topo.cluster.nodes > 1 and topo.control.secret_env is None:
+        raise DinodistError(
+            "control.secret_env: required when cluster.nodes > 1 (control messages cross nodes)"
+        )
+
+    d = topo.data
+    for field, size in (("global_crop_size", d.global_crop_size), ("local_crop_size", d.local_crop_size)):
+        if size % t_spec.patch_size:
+            raise DinodistError(
+                f"data.{field}: {size} is not a multiple of the teacher's patch size {t_spec.patch_size}"
+            )
+    lo, hi = d.mask_ratio
+    if not 0 <= lo <= hi <= 1:
+        raise DinodistError(f"data.mask_ratio: need 0 <= low <= high <= 1, got [{lo}, {hi}]")
+    kind, _, rest = d.source.partition(":")
+    if kind not in ("skimage", "folder", "fashion-mnist") or (kind != "skimage" and not rest):
+        raise DinodistError(
+            f"data.source: {d.source!r} is not one of skimage, folder:PATH, fashion-mnist:DIR:train|test"
+        )
+
+    tr = topo.train
+    if tr.warmup_iterations > tr.iterations:
+        raise DinodistError(
+            f"train.warmup_iterations: {tr.warmup_iterations} exceeds train.iterations {tr.iterations}"
+        )
+
+    t_dino, t_ibot = topo.dino_head(), topo.ibot_head()
+    seen: dict[str, int] = {}
+    for i, s in enumerate(topo.students):
+        where = f"students[{i}]"
+        if not _NAME_RE.match(s.name) or s.name in _RESERVED_NAMES:
+            raise DinodistError(
+                f"{where}.name: {s.name!r} must be letters, digits, '_', '.', '-' and not 'teacher'"
+            )
+        if s.name in seen:
+            raise DinodistError(
+                f"{where}.name: duplicate student name {s.name!r} (also students[{seen[s.name]}])"
+            )
+        seen[s.name] = i
+        spec = _arch(where, s.arch, s.overrides)
+        if spec.patch_size != t_spec.patch_size:
+            raise DinodistError(
+                f"{where}.arch: patch size {spec.patch_size} of {s.arch} differs from the teacher's "
+                f"{t_spec.patch_size} ({topo.teacher.arch}); targets are per patch"
+            )
+        s_dino, s_ibot = topo.student_heads(s.name)
+        for head, mine, theirs in (("dino_head", s_dino, t_dino), ("ibot_head", s_ibot, t_ibot)):
+            if mine.n_prototypes != theirs.n_prototypes:
+                raise DinodistError(
+                    f"{where}.{head}.n_prototypes: {mine.n_prototypes} differs from the teacher's "
+                    f"{theirs.n_prototypes}"
+                )
+        if s.batch_per_rank is not None:
+            if g % s.batch_per_rank:
+                raise DinodistError(
+                    f"{where}.batch_per_rank: {s.batch_per_rank} does not divide "
+                    f"train.global_batch_size {g}"
+                )
+            implied = g // s.batch_per_rank
+            if s.devices == "auto":
+                s.devices = implied  # batch per rank pins the group size
+            elif s.devices != implied:
+                raise DinodistError(
+                    f"{where}.batch_per_rank: {s.batch_per_rank} x devices {s.devices} != "
+                    f"train.global_batch_size {g}"
+                )
+
+    fixed = [("teacher", topo.teacher.devices)] + [
+        (f"students[{i}]", s.devices) for i, s in enumerate(topo.students)
+    ]
+    for where, n in fixed:
+        if n != "auto" and g % n:
+            raise DinodistError(
+                f"{where}.devices: train.global_batch_size {g} is not divisible by {n} devices "
+                "(every rank of a group takes the same share of the global batch)"
+            )
+    n_fixed = sum(n for _, n in fixed if n != "auto")
+    n_auto = sum(1 for _, n in fixed if n == "auto")
+    total = topo.total_devices
+    if n_fixed + n_auto > total:
+        detail = f"{n_fixed} fixed" + (f" + at least 1 for each of {n_auto} auto groups" if n_auto else "")
+        raise DinodistError(
+            f"cluster: the groups need {detail} devices but the cluster has {total} "
+            f"(cluster.nodes {topo.cluster.nodes} x cluster.devices_per_node {topo.cluster.devices_per_node})"
+        )
+    if n_auto == 0 and n_fixed < total:
+        log.info("%d of %d devices are not used by any group", total - n_fixed, total)

@@ -1,0 +1,88 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs" / "topologies"
+BAD = sorted((Path(__file__).parent / "topologies_bad").glob("*.yaml"))
+
+
+def expected(path: Path) -> str:
+    return path.read_text().splitlines()[0].removeprefix("# expect: ")
+
+
+@pytest.mark.parametrize("path", BAD, ids=[p.stem for p in BAD])
+def test_cli_rejects_broken_topology(path, capsys):
+    code = main(["plan", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("dinodist plan: error: ")
+    assert expected(path) in lines[0]
+
+
+def test_cli_subprocess_one_line_no_traceback():
+    # the real entry point, once: exit status 2, a single stderr line, no traceback
+    path = Path(__file__).parent / "topologies_bad" / "unknown_arch.yaml"
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "plan", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert expected(path) in proc.stderr
+
+
+def test_plan_json_schema(capsys):
+    assert main(["plan", str(CONFIGS / "dinov3-paper.yaml"), "--json", "--devices", "512"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert isinstance(data["seconds_per_iteration"], float)
+    names = [g["name"] for g in data["groups"]]
+    assert names[0] == "teacher" and len(names) == 6
+    nxt = 0
+    for g in data["groups"]:
+        assert {"name", "role", "arch", "devices", "ranks", "batch_per_rank", "seconds_per_iteration",
+                "wait_fraction", "memory_per_rank_bytes"} <= set(g)
+        assert g["role"] == ("teacher" if g["name"] == "teacher" else "student")
+        assert g["ranks"] == list(range(nxt, nxt + g["devices"]))
+        nxt += g["devices"]
+        assert g["batch_per_rank"] * g["devices"] == 4096
+        assert 0.0 <= g["wait_fraction"] < 1.0
+        assert g["seconds_per_iteration"] <= data["seconds_per_iteration"]
+        assert isinstance(g["memory_per_rank_bytes"], int)
+    assert max(g["seconds_per_iteration"] for g in data["groups"]) == data["seconds_per_iteration"]
+    assert data["used_devices"] == nxt <= 512
+
+
+def test_plan_table_and_overrides(capsys):
+    assert main(["plan", str(CONFIGS / "cpu-demo.yaml")]) == 0
+    out = capsys.readouterr().out
+    for name in ("teacher", "tiny-vits", "tiny-vitb", "tiny-vitl", "0..1", "wait %"):
+        assert name in out
+    small = str(CONFIGS / "cpu-small.yaml")
+    assert main(["plan", small, "--set", "train.global_batch_size=6", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [g["batch_per_rank"] for g in data["groups"]] == [6, 6, 6]
+
+
+def test_plan_calibrate_cli(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "teacher").mkdir(parents=True)
+    rows = [{"iteration": i, "step_seconds": 1.0, "images": 4} for i in range(5)]
+    (run / "teacher" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["plan", str(CONFIGS / "cpu-small.yaml"), "--calibrate", str(run), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    teacher = data["groups"][0]
+    assert teacher["seconds_per_iteration"] == pytest.approx(1.0)
+    assert main(["plan", str(CONFIGS / "cpu-small.yaml"), "--calibrate", str(tmp_path / "none")]) == 2
+    assert "--calibrate: run folder not found" in capsys.readouterr().err
+
+
+def test_plan_too_few_devices(capsys):
+    assert main(["plan", str(CONFIGS / "cpu-demo.yaml"), "--devices", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dinodist plan: error: ") and "\n" not in err

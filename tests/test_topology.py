@@ -1,0 +1,150 @@
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+
+from core.errors import DinodistError
+from core.models.arch import PAPER_DINO_HEAD, PAPER_IBOT_HEAD, TINY_DINO_HEAD
+from orchestrator.topology import (
+    Topology,
+    format_loc,
+    load_topology,
+    parse_topology,
+    validation_error_line,
+    warn_if_random_teacher,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs" / "topologies"
+BAD = sorted((Path(__file__).parent / "topologies_bad").glob("*.yaml"))
+
+
+def expected(path: Path) -> str:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# expect: "), path
+    return first.removeprefix("# expect: ")
+
+
+def small_raw() -> dict:
+    return yaml.safe_load((CONFIGS / "cpu-small.yaml").read_text())
+
+
+def test_corpus_is_large_enough():
+    assert len(BAD) >= 15
+
+
+@pytest.mark.parametrize("path", BAD, ids=[p.stem for p in BAD])
+def test_broken_topology_rejected_with_one_line(path):
+    with pytest.raises(DinodistError) as info:
+        load_topology(path)
+    msg = str(info.value)
+    assert expected(path) in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("name", ["cpu-demo", "cpu-small", "dinov3-paper"])
+def test_shipped_topologies_load(name):
+    topo = load_topology(CONFIGS / f"{name}.yaml")
+    assert isinstance(topo, Topology)
+    assert Path(topo.output).is_absolute()
+    # the resolved dump is itself a valid topology with the same content
+    again = parse_topology(yaml.safe_load(topo.to_yaml()))
+    assert again.model_dump() == topo.model_dump()
+
+
+def test_cpu_demo_shape():
+    topo = load_topology(CONFIGS / "cpu-demo.yaml")
+    assert topo.total_devices == 5
+    assert (topo.teacher.arch, topo.teacher.shard, topo.teacher.devices) == ("tiny-vit7b", "fsdp", 2)
+    assert [s.arch for s in topo.students] == ["tiny-vits", "tiny-vitb", "tiny-vitl"]
+    assert topo.train.global_batch_size == 8 and topo.train.iterations == 30
+    assert topo.resolved_backend() == "gloo"
+
+
+def test_default_heads_follow_the_teacher_family():
+    tiny = load_topology(CONFIGS / "cpu-small.yaml")
+    assert tiny.dino_head() == TINY_DINO_HEAD
+    paper = load_topology(CONFIGS / "dinov3-paper.yaml")
+    assert (paper.dino_head(), paper.ibot_head()) == (PAPER_DINO_HEAD, PAPER_IBOT_HEAD)
+    # a partial student head keeps the teacher's other sizes
+    raw = small_raw()
+    raw["students"][0]["dino_head"] = {"hidden_dim": 128}
+    topo = parse_topology(raw)
+    dino, _ = topo.student_heads("tiny-vits")
+    assert dino.hidden_dim == 128 and dino.n_prototypes == topo.dino_head().n_prototypes
+
+
+def test_overrides_dict_and_strings(tmp_path):
+    path = CONFIGS / "cpu-small.yaml"
+    a = load_topology(path, {"train.iterations": 9, "students[1].devices": "auto"})
+    b = load_topology(path, ["train.iterations=9", "students.1.devices=auto"])
+    assert a.model_dump() == b.model_dump()
+    assert a.train.iterations == 9 and a.students[1].devices == "auto"
+    with pytest.raises(DinodistError, match=r"override 'students\[5\].devices': index 5 out of range"):
+        load_topology(path, {"students[5].devices": 1})
+    with pytest.raises(DinodistError, match="expected KEY=VALUE"):
+        load_topology(path, ["train.iterations"])
+    # an override goes through the same validation as the file
+    with pytest.raises(DinodistError, match="train.iterations: Input should be greater than 0"):
+        load_topology(path, ["train.iterations=0"])
+
+
+def test_relative_paths_resolve_against_cwd(tmp_path, monkeypatch):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "t.pth").write_bytes(b"x")
+    raw = small_raw()
+    raw["teacher"]["checkpoint"] = "ckpt/t.pth"
+    raw["store"] = {"path": "store", "dtype": "int8", "retain": 3}
+    cfg = tmp_path / "elsewhere" / "topo.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    topo = load_topology(cfg)
+    assert topo.teacher.checkpoint == str(tmp_path / "ckpt" / "t.pth")
+    assert topo.store.path == str(tmp_path / "store")
+    assert topo.output == str(tmp_path / "runs" / "cpu-small")
+    # the same relative name from another directory is a missing file
+    monkeypatch.chdir(cfg.parent)
+    with pytest.raises(DinodistError, match="teacher.checkpoint: file not found"):
+        load_topology(cfg)
+    assert load_topology(cfg, check_paths=False).teacher.checkpoint.endswith("elsewhere/ckpt/t.pth")
+
+
+def test_missing_file_and_batch_per_rank_pins_devices(tmp_path):
+    with pytest.raises(DinodistError, match=r"nope.yaml: topology file not found"):
+        load_topology(tmp_path / "nope.yaml")
+    raw = small_raw()
+    raw["cluster"]["devices_per_node"] = 8
+    raw["students"][1].update(devices="auto", batch_per_rank=2)
+    assert parse_topology(raw).students[1].devices == 2
+    raw["students"][1].update(devices=4, batch_per_rank=2)
+    with pytest.raises(DinodistError, match=r"students\[1\].batch_per_rank: 2 x devices 4 != "):
+        parse_topology(raw)
+
+
+def test_student_optim_overrides_train():
+    raw = small_raw()
+    raw["students"][0]["optim"] = {"lr": 0.5, "ema": 0.9}
+    topo = parse_topology(raw)
+    mine, other = topo.student_train("tiny-vits"), topo.student_train("tiny-vitb")
+    assert (mine["lr"], mine["ema"]) == (0.5, 0.9)
+    assert other["lr"] == topo.train.lr and mine["weight_decay"] == topo.train.weight_decay
+
+
+def test_error_line_formatting():
+    assert format_loc(("students", 1, "dino_head", "n_prototypes")) == "students[1].dino_head.n_prototypes"
+    raw = small_raw()
+    raw["students"][1]["dino_head"] = {"n_prototypes": -3}
+    try:
+        Topology.model_validate(raw)
+    except Exception as exc:  # pydantic.ValidationError
+        line = validation_error_line(exc)
+    assert line == "students[1].dino_head.n_prototypes: Input should be greater than 0"
+
+
+def test_random_teacher_warns(caplog):
+    topo = load_topology(CONFIGS / "cpu-small.yaml")
+    with caplog.at_level(logging.WARNING):
+        warn_if_random_teacher(topo)
+    assert "RANDOMLY INITIALISED" in caplog.text
