@@ -1,0 +1,287 @@
+"""Rank side of the control plane: one zmq DEALER per rank, owned by the training loop's thread.
+
+Nothing here may stall training: sends never block (a full queue drops the heartbeat and counts
+it), and since heartbeats carry cumulative totals, a dropped one loses no counts; the next one
+carries them. Only `done` and `error`, sent once at the end, wait briefly for the server's ack
+so that closing the socket does not discard them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import zmq
+from pydantic import ValidationError
+
+from core.control import messages as m
+from core.errors import DinodistError
+
+# Per-iteration values added to the running totals, mapped to their wire names.
+_ADDITIVE = {
+    "step_seconds": "step_seconds_total",
+    "wait_seconds": "wait_seconds_total",
+    "images": "images_total",
+    "teacher_forwards": "teacher_forwards_total",
+    "target_bytes_sent": "target_bytes_sent_total",
+}
+REREGISTER_S = 5.0
+CONTROL_ENV = "DINODIST_CONTROL"  # the launcher puts the server address here
+STAT_KEYS = frozenset({"iteration", "losses", "gpu_utilization_ratio", "gpu_memory_used_bytes", *_ADDITIVE})
+
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DinodistError(f"heartbeat stats.{key}: expected a number, got {type(value).__name__}")
+    return value
+
+
+class ControlClient:
+    """Connects one rank to the orchestrator's ControlServer at `address` (tcp://host:port).
+
+    Call `register()` once, then `heartbeat(stats)` every iteration with that iteration's stats
+    (keys: iteration, step_seconds, wait_seconds, images, losses, teacher_forwards,
+    target_bytes_sent, optionally gpu_utilization_ratio / gpu_memory_used_bytes; all but
+    iteration optional). The client keeps the totals and sends at most one heartbeat every
+    `heartbeat_interval_s`. Poll `poll_command()` for `checkpoint` / `stop`.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        rank: int,
+        group: str,
+        role: str = "student",
+        secret: bytes | str | None = None,
+        *,
+        heartbeat_interval_s: float = 1.0,
+        sndhwm: int = 64,
+    ) -> None:
+        if role not in ("teacher", "student"):
+            raise DinodistError(f"control client role: {role!r} is not 'teacher' or 'student'")
+        self.address = address
+        self.rank = int(rank)
+        self.group = group
+        self.role = role
+        self.secret = secret.encode() if isinstance(secret, str) else secret
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.session = m.new_session()
+        self.dropped = 0  # messages not sent because the queue to the server was full
+        self.rejected = 0  # frames from the server that failed validation
+        self.registered = False
+        self._seq = 0
+        self._last_sent = -math.inf
+        self._totals: dict[str, Any] = {wire: 0 for wire in _ADDITIVE.values()}
+        self._totals["step_seconds_total"] = 0.0
+        self._totals["wait_seconds_total"] = 0.0
+        self._iteration = -1
+        self._recent: deque[float] = deque(maxlen=m.MAX_RECENT_STEPS)
+        self._losses: dict[str, float] = {}
+        self._gauges: dict[str, Any] = {}
+        self._commands: deque[str] = deque()
+        self._acks: set[tuple[str, int]] = set()
+        self._register_kw: dict[str, Any] | None = None
+        self._register_msg_at = -math.inf
+        self._replay = m.ReplayGuard() if self.secret else None
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, sndhwm)
+        self._sock.setsockopt(zmq.RCVHWM, 1024)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, 4 * m.MAX_FRAME_BYTES)
+        if address.startswith("tcp://["):
+            self._sock.setsockopt(zmq.IPV6, 1)
+        self._sock.connect(address)
+
+    def _envelope(self, kind: str) -> dict[str, Any]:
+        self._seq += 1
+        return {**m.stamp(), "kind": kind, "rank": self.rank, "group": self.group,
+                "session": self.session, "seq": self._seq}
+
+    def _send(self, msg: Any) -> bool:
+        try:
+            self._sock.send_multipart(m.encode(msg, self.secret), flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            self.dropped += 1
+            return False
+
+    def register(self, *, world_size: int | None = None, group_rank: int | None = None,
+                 group_size: int | None = None) -> bool:
+        """Announce this rank; world size defaults to $WORLD_SIZE when set."""
+        if world_size is None and os.environ.get("WORLD_SIZE", "").isdigit():
+            world_size = int(os.environ["WORLD_SIZE"])
+        msg = m.Register(**self._envelope("register"), role=self.role, pid=os.getpid(),
+                         hostname=socket.gethostname()[:255], world_size=world_size,
+                         group_rank=group_rank, group_size=group_size)
+        self._register_msg_at = time.monotonic()
+        self._register_kw = {"world_size": world_size, "group_rank": group_rank, "group_size": group_size}
+        return self._send(msg)
+
+    def _accumulate(self, stats: Mapping[str, Any]) -> None:
+        # Everything is checked before anything is folded in, so a bad call changes nothing.
+        unknown = set(stats) - STAT_KEYS
+        if unknown:
+            raise DinodistError(f"heartbeat stats.{sorted(unknown)[0]}: unknown key "
+                                f"(known: {', '.join(sorted(STAT_KEYS))})")
+        added = {}
+        for key, wire in _ADDITIVE.items():
+            if key in stats:
+                value = _number(key, stats[key])
+                if not math.isfinite(value) or value < 0:
+                    raise DinodistError(f"heartbeat stats.{key}: {value} is not a finite non-negative number")
+                added[wire] = value
+        losses = stats.get("losses")
+        if losses is not None:
+            if not isinstance(losses, Mapping):
+                raise DinodistError("heartbeat stats.losses: expected a mapping of term -> value")
+            losses = {str(k): float(_number(f"losses.{k}", v)) for k, v in losses.items()}
+        gauges = {}
+        if "gpu_utilization_ratio" in stats:
+            ratio = _number("gpu_utilization_ratio", stats["gpu_utilization_ratio"])
+            if not 0.0 <= ratio <= 1.0:
+                raise DinodistError(f"heartbeat stats.gpu_utilization_ratio: {ratio} is outside [0, 1]")
+            gauges["gpu_utilization_ratio"] = float(ratio)
+        if "gpu_memory_used_bytes" in stats:
+            used = _number("gpu_memory_used_bytes", stats["gpu_memory_used_bytes"])
+            if used < 0 or used != int(used):
+                raise DinodistError(f"heartbeat stats.gpu_memory_used_bytes: {used} is not a byte count")
+            gauges["gpu_memory_used_bytes"] = int(used)
+        iteration = int(_number("iteration", stats["iteration"])) if "iteration" in stats else self._iteration
+        if iteration < -1:
+            raise DinodistError(f"heartbeat stats.iteration: {iteration} is negative")
+        self._iteration = iteration
+        for wire, value in added.items():
+            self._totals[wire] += value
+        if "step_seconds" in stats:
+            self._recent.append(float(stats["step_seconds"]))
+        if losses is not None:
+            self._losses = losses
+        self._gauges.update(gauges)
+
+    def _totals_fields(self) -> dict[str, Any]:
+        return {"iteration": self._iteration, "step_seconds": list(self._recent),
+                "step_seconds_total": float(self._totals["step_seconds_total"]),
+                "wait_seconds_total": float(self._totals["wait_seconds_total"]),
+                "images_total": int(self._totals["images_total"]),
+                "teacher_forwards_total": int(self._totals["teacher_forwards_total"]),
+                "target_bytes_sent_total": int(self._totals["target_bytes_sent_total"]),
+                "losses": dict(self._losses), **self._gauges}
+
+    def _build(self, model: type, kind: str) -> Any:
+        try:
+            return model(**self._envelope(kind), **self._totals_fields())
+        except ValidationError as exc:  # e.g. a GPU ratio outside [0, 1]: a caller bug, named
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise DinodistError(f"heartbeat stats.{where}: {first['msg']}") from None
+
+    def heartbeat(self, stats: Mapping[str, Any] | None = None, *, force: bool = False) -> bool:
+        """Fold in this iteration's stats and send a heartbeat if one is due; never blocks.
+
+        Returns whether a heartbeat went out. Call it with no stats during long setup phases
+        (checkpoint loading) to stay alive without reporting progress.
+        """
+        if stats:
+            self._accumulate(stats)
+        now = time.monotonic()
+        if not force and now - self._last_sent < self.heartbeat_interval_s:
+            return False
+        if self._register_kw is not None and not self.registered:
+            self._receive(0)
+            # A register sent before the server was listening may have been dropped: repeat it
+            # (the server treats a repeat from the same session as a no-op).
+            if not self.registered and now - self._register_msg_at > REREGISTER_S:
+                self.register(**self._register_kw)
+        sent = self._send(self._build(m.Heartbeat, "heartbeat"))
+        if sent:
+            self._last_sent = now
+            # Step times already sent need not travel again; the server deduplicates by
+            # iteration anyway, so keeping them after a drop is safe.
+            self._recent.clear()
+        return sent
+
+    def _receive(self, timeout_ms: int) -> None:
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            left = max(0, int((deadline - time.monotonic()) * 1000))
+            if not self._sock.poll(left, zmq.POLLIN):
+                return
+            frames = self._sock.recv_multipart(flags=zmq.NOBLOCK)
+            try:
+                msg = m.decode(frames, self.secret, self._replay)
+            except m.Rejected:
+                self.rejected += 1
+                continue
+            # Something arrived that a caller may be waiting for: drain what is queued, then return.
+            deadline = time.monotonic()
+            if isinstance(msg, m.CommandMsg):
+                self._commands.append(msg.command)
+                self._send(m.Ack(**m.stamp(), kind="ack", rank=self.rank, group=self.group,
+                                 session=self.session, acked="command", ref=msg.command_id))
+            elif isinstance(msg, m.Ack) and msg.session == self.session:
+                if msg.acked == "register":
+                    self.registered = True
+                self._acks.add((msg.acked, msg.ref))
+            else:
+                self.rejected += 1
+
+    def poll_command(self, timeout_ms: int = 0) -> str | None:
+        """The next command from the server ('checkpoint' or 'stop'), or None; waits at most timeout_ms."""
+        if not self._commands:
+            self._receive(timeout_ms)
+        return self._commands.popleft() if self._commands else None
+
+    def _final(self, msg: Any, kind: str, timeout_ms: int) -> bool:
+        # The ack is what tells us the message left the socket; without waiting for it, the
+        # linger-0 close right after would silently discard a still-queued final message.
+        if not self._send(msg):
+            return False
+        deadline = time.monotonic() + timeout_ms / 1000
+        while (kind, msg.seq) not in self._acks:
+            left = int((deadline - time.monotonic()) * 1000)
+            if left <= 0:
+                return False
+            self._receive(min(left, 50))
+        return True
+
+    def done(self, stats: Mapping[str, Any] | None = None, timeout_ms: int = 2000) -> bool:
+        """Report a clean finish with final totals; returns whether the server acknowledged it."""
+        if stats:
+            self._accumulate(stats)
+        return self._final(self._build(m.Done, "done"), "done", timeout_ms)
+
+    def error(self, message: str, timeout_ms: int = 2000) -> bool:
+        """Report a failure (first line of the message, truncated); returns whether it was acknowledged."""
+        text = (message.strip().splitlines() or ["(no message)"])[0][: m.MAX_TEXT]
+        return self._final(m.Error(**self._envelope("error"), message=text), "error", timeout_ms)
+
+    def close(self) -> None:
+        if not self._sock.closed:
+            self._sock.close(linger=0)
+            self._ctx.term()
+
+    @classmethod
+    def from_env(cls, group: str, role: str = "student", secret_env: str | None = None,
+                 **kwargs: Any) -> ControlClient | None:
+        """A client for the address in $DINODIST_CONTROL and rank $RANK; None when no orchestrator
+        launched this process (plain torchrun), so ranks run the same without a control plane."""
+        address = os.environ.get(CONTROL_ENV)
+        if not address:
+            return None
+        rank = os.environ.get("RANK", "")
+        if not rank.isdigit():
+            raise DinodistError(f"RANK: environment variable is {rank!r}, expected the rank number")
+        secret = m.secret_from_env(secret_env) if secret_env else None
+        return cls(address, int(rank), group, role, secret, **kwargs)
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
