@@ -1,0 +1,120 @@
+"""Backbone checkpoint I/O in the official DINOv3 format (a flat state dict, no prefix).
+
+Reading accepts the three layouts users hand us: a released hub file (flat), a file wrapping the
+state dict under "model", and an official teacher export {"teacher": {"backbone.*", "dino_head.*", ...}}.
+Every problem is reported as one `DinodistError` line naming the file and the arch.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from core.errors import DinodistError
+from core.models.arch import ArchSpec
+from core.models.vit import DinoVisionTransformer, build_backbone
+
+_SHOW = 3  # offending keys named per category before "(+N more)"
+
+
+def save_backbone(model: DinoVisionTransformer, path: str | os.PathLike) -> None:
+    """Write the backbone's flat state dict (official keys, CPU tensors) atomically to `path`."""
+    path = Path(path)
+    if any(v.device.type == "meta" for v in model.state_dict().values()):
+        raise DinodistError(f"checkpoint {path}: cannot save a model built on the meta device")
+    state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _unwrap(obj: object, source: str) -> dict[str, Tensor]:
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("teacher"), dict):
+        teacher = obj["teacher"]
+        backbone = {k[len("backbone.") :]: v for k, v in teacher.items() if k.startswith("backbone.")}
+        if not backbone:
+            raise DinodistError(f"checkpoint {source}: 'teacher' entry has no 'backbone.*' keys")
+        obj = backbone
+    if not isinstance(obj, dict):
+        raise DinodistError(f"checkpoint {source}: expected a state dict, found {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise DinodistError(f"checkpoint {source}: entry {bad[0]!r} is not a tensor")
+    return obj
+
+
+def _load_failure(e: Exception) -> str:
+    # torch's messages run over several paragraphs; keep the one line that says what went wrong.
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    refused = [ln[ln.index("Unsupported global") :] for ln in lines if "Unsupported global" in ln]
+    if refused:
+        return f"refused by weights_only loading (holds more than tensors): {refused[0].split(' was not')[0]}"
+    fallback = lines[0] if lines else type(e).__name__
+    detail = next((ln for ln in lines if ln.startswith("Unsupported")), fallback)
+    return f"cannot be read (corrupt or not a torch checkpoint): {detail}"
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Load a backbone state dict on CPU with weights_only=True, unwrapping "model"/"teacher" layouts."""
+    path = Path(path)
+    if not path.is_file():
+        raise DinodistError(f"checkpoint {path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        raise DinodistError(f"checkpoint {path}: {_load_failure(e)}") from e
+    return _unwrap(obj, str(path))
+
+
+def _names(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOW])
+    return shown + (f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else "")
+
+
+def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: str, arch: str) -> None:
+    """Raise one line naming the first missing, unexpected and mis-shaped keys, if any."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {list(state[k].shape)} (expected {list(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_names(unexpected)}")
+    if shapes:
+        problems.append(f"wrong shape {_names(shapes)}")
+    if problems:
+        raise DinodistError(f"checkpoint {source} does not match arch {arch}: " + "; ".join(problems))
+
+
+def load_backbone_state(
+    model: DinoVisionTransformer, state: dict[str, Tensor], source: str = "state dict"
+) -> DinoVisionTransformer:
+    """Strictly load `state` into `model` (in place; a meta-device model takes the tensors as they are)."""
+    arch = model.spec.name if isinstance(getattr(model, "spec", None), ArchSpec) else type(model).__name__
+    check_state_dict(model, state, source, arch)
+    on_meta = any(t.device.type == "meta" for t in model.state_dict().values())
+    model.load_state_dict(state, strict=True, assign=on_meta)
+    return model
+
+
+def load_backbone(
+    path: str | os.PathLike, arch: str | ArchSpec, *, dtype: torch.dtype = torch.float32, **overrides
+) -> DinoVisionTransformer:
+    """Build `arch` without random init and fill it from the checkpoint at `path` (cast to `dtype`)."""
+    model = build_backbone(arch, device="meta", **overrides)
+    state = read_state_dict(path)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return load_backbone_state(model, state, source=str(path))
