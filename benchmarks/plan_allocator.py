@@ -1,8 +1,9 @@
-"""Allocator speed and optimality: binary search over candidate times vs. exhaustive search.
+"""Allocator speed and optimality, and the paper topology's bubble with even vs. uneven batches.
 
-Prints, side by side in one run: (1) on random small instances, the time of `solve` and of a
-brute force over every integer split, their ratio, and whether both found the same optimum;
-(2) `make_plan` on the paper topology at 512 devices x 6 groups and on a 4096-device cluster.
+Prints, side by side in one run: (1) on random small instances (even and uneven shares), the time
+of `solve` + `hand_out_spares` and of a brute force over every integer split, their ratio, and
+whether both found the same optimum; (2) the paper topology at 256 and 512 devices with even and
+uneven per-rank batches: s/iter, images/s and the job's device-weighted wait; (3) `make_plan` time.
 
     python -m benchmarks.plan_allocator
 """
@@ -14,54 +15,71 @@ import random
 import time
 from pathlib import Path
 
-from orchestrator.allocate import divisors, make_plan, solve
+from orchestrator.allocate import candidate_counts, group_seconds, hand_out_spares, make_plan, solve
 from orchestrator.topology import load_topology
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "topologies" / "dinov3-paper.yaml"
 
 
-def brute(work, options, total):
+def brute(work, options, total, g_batch):
     best = None
     for combo in itertools.product(*options):
         if sum(combo) <= total:
-            t = max(w / d for w, d in zip(work, combo))
+            t = max(group_seconds(w, d, g_batch) for w, d in zip(work, combo))
             best = t if best is None else min(best, t)
     return best
 
 
-def main() -> None:
+def small_instances(even: bool, cases: int = 100) -> None:
     rng = random.Random(0)
     t_solve = t_brute = 0.0
     same = 0
-    cases = 200
     for _ in range(cases):
-        g = rng.choice([48, 60, 96, 120])
-        total = rng.randint(8, 64)
-        divs = [d for d in divisors(g) if d <= total]
+        g = rng.choice([48, 60, 96, 120] if even else [37, 50, 64, 101])
+        total = rng.randint(8, 64 if even else 20)
+        split = None if even else g
+        opts = [candidate_counts(g, total, even)] * 4
         work = [rng.uniform(0.1, 10) for _ in range(4)]
-        opts = [divs] * 4
         t0 = time.perf_counter()
-        counts = solve(work, opts, total)
+        counts = hand_out_spares(work, opts, solve(work, opts, total, split), total, split)
         t1 = time.perf_counter()
-        best = brute(work, opts, total)
+        best = brute(work, opts, total, split)
         t2 = time.perf_counter()
         t_solve += t1 - t0
         t_brute += t2 - t1
-        same += abs(max(w / d for w, d in zip(work, counts)) - best) <= 1e-12 * best
-    print(f"small instances (4 groups): {cases} cases, same optimum in {same}/{cases}; "
-          f"solve {1e3 * t_solve / cases:.3f} ms/case, brute force {1e3 * t_brute / cases:.3f} ms/case, "
-          f"ratio brute/solve x{t_brute / t_solve:.0f}")
-    topo = load_topology(PAPER)
-    for devices, batch in ((512, 4096), (512, 3840), (4096, 3840)):
-        topo.train.global_batch_size = batch
-        reps = 5
+        same += abs(max(group_seconds(w, d, split) for w, d in zip(work, counts)) - best) <= 1e-12 * best
+    label = "even" if even else "uneven"
+    print(f"small instances, {label} shares (4 groups): {cases} cases, same optimum in {same}/{cases}; "
+          f"solve+hand-out {1e3 * t_solve / cases:.3f} ms/case, brute force {1e3 * t_brute / cases:.3f} "
+          f"ms/case, ratio brute/solve x{t_brute / t_solve:.0f}")
+
+
+def main() -> None:
+    small_instances(True)
+    small_instances(False)
+    for devices in (256, 512):
+        row = []
+        for even in (True, False):
+            topo = load_topology(PAPER, {"train.even_batches": even})
+            plan = make_plan(topo, devices=devices)
+            row.append(plan)
+            label = "even  " if even else "uneven"
+            print(f"paper topology, {devices} devices, {label} batches: "
+                  f"{plan.seconds_per_iteration:.3f} s/iter, "
+                  f"{plan.global_batch_size / plan.seconds_per_iteration:.0f} img/s, job wait "
+                  f"{100 * plan.wait_fraction:.1f} %, groups "
+                  + ", ".join(f"{g.name} {g.devices}" for g in plan.groups))
+        speedup = row[0].seconds_per_iteration / row[1].seconds_per_iteration
+        print(f"  uneven / even throughput at {devices}: x{speedup:.2f}")
+    for devices, even in ((512, True), (512, False), (4096, False)):
+        topo = load_topology(PAPER, {"train.even_batches": even})
+        reps = 3
         t0 = time.perf_counter()
         for _ in range(reps):
             plan = make_plan(topo, devices=devices)
         dt = (time.perf_counter() - t0) / reps
-        print(f"make_plan paper topology, {devices} devices x 6 groups, global batch {batch} "
-              f"({len(divisors(batch))} divisors): {1e3 * dt:.1f} ms, "
-              f"{plan.seconds_per_iteration:.3f} s/iter")
+        print(f"make_plan paper topology, {devices} devices x 6 groups, even_batches {even}: "
+              f"{1e3 * dt:.1f} ms ({plan.seconds_per_iteration:.4f} s/iter)")
 
 
 if __name__ == "__main__":

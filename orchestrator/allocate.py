@@ -1,18 +1,28 @@
 """Allocation: how many devices each group gets so that iteration times match.
 
-Problem. Group g with per-image time w_g (cost model) on d_g devices takes t_g = w_g * G / d_g per
-iteration. Each d_g must divide the global batch G (every rank takes the same share), be at
-least the smallest count at which a rank's memory fits, and equal the user's count when fixed;
-sum d_g <= N. Minimise T = max_g t_g (teacher and students overlap through the target queue, so
-the iteration time is the slowest group's).
+Model. Group g costs s_g seconds per image (cost model). On d_g devices its ranks split the global
+batch G: evenly (`train.even_batches: true`, d_g must divide G) or as evenly as possible (rank r of
+d gets rows [floor(r G/d), floor((r+1) G/d)), see `rank_rows`). The group's iteration time is its
+largest rank's, t_g = s_g * ceil(G / d_g); its useful work is s_g * G device-seconds whatever d_g.
+d_g is at least the smallest count whose per-rank memory fits, equals the user's count when fixed,
+and sum d_g <= N. Teacher and students overlap through the target queue, so the job's iteration
+time is T = max_g t_g.
 
-Search. For a target T, the fewest devices group g needs is m_g(T) = the smallest allowed d with
-w_g*G/d <= T; T is feasible iff sum m_g(T) <= N, and feasibility is monotone in T. The optimum
-is one of the finitely many values w_g*G/d, so a binary search over those sorted candidates
-finds the smallest feasible T exactly (no tolerance). Each group then keeps m_g(T*): any extra
-device would only lengthen that group's wait, since no group can beat T* (it would otherwise
-have been feasible). So the allocation minimises T and, given T, every group's wait; unused
-devices are reported as idle. Cost: O(K log K) for K = groups x divisors of G.
+Objective. The job's bubble (`Plan.wait_fraction`) is the device-weighted wait over all N devices,
+idle ones counted as fully waiting: 1 - sum_g s_g G / (N T). Its numerator is fixed by the
+workload, so for a given N the bubble is a decreasing function of T alone: minimising T (maximising
+throughput G / T) minimises the bubble, and no hand-out of devices that leaves T unchanged can
+change it. Lexicographically: (1) minimise T, which also minimises the bubble; (2) hand the devices
+left over to the groups, each spare to the currently slowest group that it (or the fewest spares
+that do) speeds up, until no spare can shorten any group's time. (2) changes neither T nor the
+bubble; it gives the groups closest to T the most headroom against cost-model error and lowers
+their memory per rank, and it never adds a device that leaves its group's time unchanged.
+
+Search for (1). For a target T, the fewest devices group g needs is m_g(T) = the smallest allowed
+d with t_g(d) <= T (t_g is non-increasing in d); T is feasible iff sum m_g(T) <= N, and feasibility
+is monotone in T. The optimum is one of the finitely many values t_g(d), so a binary search over
+those sorted candidates finds the smallest feasible T exactly (no tolerance). Cost: O(K log K) for
+K = groups x allowed counts (divisors of G, or every count up to min(N, G)).
 """
 
 from __future__ import annotations
@@ -27,9 +37,26 @@ from orchestrator.cost import (
     GroupCost,
     device_profile,
     group_costs,
+    largest_share,
     memory_per_rank,
 )
 from orchestrator.topology import Topology
+
+
+def rank_rows(global_batch: int, group_size: int, rank: int) -> slice:
+    """Rows of the global batch that `rank` of a group of `group_size` ranks owns.
+
+    Contiguous, in rank order, sizes differing by at most one (the first ranks get the smaller
+    shares); equal to the even split G/d when d divides G. A runtime that trains on uneven shares
+    must scale each rank's mean loss by rows * group_size / global_batch so that the data-parallel
+    average of gradients equals the gradient of the mean over the whole batch.
+
+    The rule itself lives in `core.targets.rank_rows`, which the teacher and student ranks use:
+    the plan and the runtime cannot drift apart.
+    """
+    from core.targets import rank_rows as runtime_rank_rows
+
+    return runtime_rank_rows(global_batch, group_size, rank)
 
 
 @dataclass
@@ -39,12 +66,14 @@ class GroupPlan:
     arch: str
     devices: int
     ranks: list[int]
-    batch_per_rank: int
-    seconds_per_iteration: float
-    wait_fraction: float
+    batch_per_rank: int  # the largest rank's share (all ranks' share with even batches)
+    seconds_per_iteration: float  # the largest rank's compute time
+    wait_fraction: float  # mean over the group's ranks of the fraction of T spent waiting
     memory_per_rank_bytes: int
     flops_per_image: float
     calibration: float
+    min_batch_per_rank: int = 0  # the smallest rank's share
+    busy_device_seconds: float = 0.0  # useful work per iteration: seconds/image x G
     # (node, first local rank, count) for each node the group's ranks live on
     placement: list[tuple[int, int, int]] = field(default_factory=list)
 
@@ -59,6 +88,7 @@ class Plan:
     seconds_per_iteration: float
     groups: list[GroupPlan]
     memory_per_device_bytes: int
+    even_batches: bool = True
 
     @property
     def used_devices(self) -> int:
@@ -71,6 +101,15 @@ class Plan:
     @property
     def nodes(self) -> int:
         return -(-self.used_devices // self.devices_per_node)
+
+    @property
+    def busy_device_seconds(self) -> float:
+        return sum(g.busy_device_seconds for g in self.groups)
+
+    @property
+    def wait_fraction(self) -> float:
+        """The job's bubble: device-weighted wait over all devices, idle ones fully waiting."""
+        return 1 - self.busy_device_seconds / (self.total_devices * self.seconds_per_iteration)
 
     def group(self, name: str) -> GroupPlan:
         for g in self.groups:
@@ -92,7 +131,10 @@ class Plan:
             "device": self.device,
             "seconds_per_iteration": self.seconds_per_iteration,
             "images_per_second": self.global_batch_size / self.seconds_per_iteration,
+            "wait_fraction": self.wait_fraction,
+            "busy_device_seconds": self.busy_device_seconds,
             "global_batch_size": self.global_batch_size,
+            "even_batches": self.even_batches,
             "total_devices": self.total_devices,
             "used_devices": self.used_devices,
             "idle_devices": self.idle_devices,
@@ -114,42 +156,66 @@ def divisors(n: int) -> list[int]:
     return small + large[::-1]
 
 
+def candidate_counts(g_batch: int, total: int, even: bool = True) -> list[int]:
+    """Group sizes the batch split allows: divisors of G (even batches) or 1..min(N, G)."""
+    if even:
+        return [d for d in divisors(g_batch) if d <= total]
+    return list(range(1, min(total, g_batch) + 1))
+
+
 def allowed_devices(
-    costs: list[GroupCost], min_devices: list[int], g_batch: int, total: int
+    costs: list[GroupCost], min_devices: list[int], g_batch: int, total: int, even: bool = True
 ) -> list[list[int]]:
-    """Per group, the ascending device counts it may use (fixed, or divisors of G above its memory floor)."""
-    divs = [d for d in divisors(g_batch) if d <= total]
+    """Per group, the ascending device counts it may use (fixed, or allowed sizes above its memory floor)."""
+    counts = candidate_counts(g_batch, total, even)
     out = []
     for c, lo in zip(costs, min_devices):
-        out.append([c.fixed_devices] if c.fixed_devices is not None else [d for d in divs if d >= lo])
+        out.append([c.fixed_devices] if c.fixed_devices is not None else [d for d in counts if d >= lo])
     return out
 
 
-def solve(work: list[float], options: list[list[int]], total: int) -> list[int] | None:
-    """Minimise max_g work[g]/d_g over d_g in options[g] (ascending), sum d_g <= total.
+def group_seconds(work: float, devices: int, g_batch: int | None = None) -> float:
+    """Iteration time of a group with `work` seconds per global batch on `devices` ranks.
 
-    Returns the fewest devices per group that reach the optimum, or None if even the smallest
-    options exceed `total`.
+    Without `g_batch` the work divides evenly (the caller guarantees d | G); with it, the largest
+    rank's share ceil(G/d) sets the time.
+    """
+    if g_batch is None:
+        return work / devices
+    return work * largest_share(g_batch, devices) / g_batch
+
+
+def _first_within(times: list[float], t: float) -> int:
+    """Index of the first (fewest-device) option whose time is <= t; times are non-increasing."""
+    lo, hi = 0, len(times)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if times[mid] <= t:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def solve(work: list[float], options: list[list[int]], total: int,
+          g_batch: int | None = None) -> list[int] | None:
+    """Minimise max_g t_g(d_g) over d_g in options[g] (ascending), sum d_g <= total.
+
+    t_g(d) = `group_seconds(work[g], d, g_batch)`. Returns the fewest devices per group that reach
+    the optimum, or None if even the smallest options exceed `total`.
     """
     if any(not o for o in options) or sum(o[0] for o in options) > total:
         return None
-    candidates = sorted({w / d for w, opts in zip(work, options) for d in opts})
+    times = [[group_seconds(w, d, g_batch) for d in opts] for w, opts in zip(work, options)]
+    candidates = sorted({t for ts in times for t in ts})
 
     def need(t: float) -> list[int] | None:
-        # smallest d with w/d <= t, i.e. d >= w/t: options are ascending so bisect on w/d descending
         counts = []
-        for w, opts in zip(work, options):
-            # first index whose time is <= t; times decrease with index
-            lo, hi = 0, len(opts)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if w / opts[mid] <= t:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            if lo == len(opts):
+        for ts, opts in zip(times, options):
+            i = _first_within(ts, t)
+            if i == len(opts):
                 return None
-            counts.append(opts[lo])
+            counts.append(opts[i])
         return counts if sum(counts) <= total else None
 
     i = bisect.bisect_left(range(len(candidates)), True, key=lambda k: need(candidates[k]) is not None)
@@ -158,13 +224,47 @@ def solve(work: list[float], options: list[list[int]], total: int) -> list[int] 
     return need(candidates[i])
 
 
+def hand_out_spares(work: list[float], options: list[list[int]], counts: list[int], total: int,
+                    g_batch: int | None = None) -> list[int]:
+    """Give devices left over after `solve` to the groups, slowest group first (module docstring, (2)).
+
+    Each step gives the slowest group that can still be sped up the fewest spares that shorten its
+    time (ties: the earlier group). Stops when no spare can shorten any group's time, so every
+    device handed out lowers its group's time. Times only fall and `solve` already reached the
+    smallest feasible T, so T (and with it the bubble) is unchanged.
+    """
+    counts = list(counts)
+    spare = total - sum(counts)
+    while spare > 0:
+        order = sorted(range(len(counts)), key=lambda g: (-group_seconds(work[g], counts[g], g_batch), g))
+        for g in order:
+            now = group_seconds(work[g], counts[g], g_batch)
+            step = next((d for d in options[g] if d > counts[g] and d - counts[g] <= spare
+                         and group_seconds(work[g], d, g_batch) < now), None)
+            if step is not None:
+                spare -= step - counts[g]
+                counts[g] = step
+                break
+        else:
+            break
+    return counts
+
+
 def _memory_floor(topo: Topology, c: GroupCost, profile: DeviceProfile, total: int) -> int:
     """Smallest allowed device count whose per-rank memory fits; explains the refusal otherwise."""
     g = topo.train.global_batch_size
-    counts = [c.fixed_devices] if c.fixed_devices is not None else [d for d in divisors(g) if d <= total]
-    for d in counts:
-        if memory_per_rank(topo, c.name, d) <= profile.usable_bytes:
-            return d
+    even = topo.train.even_batches
+    counts = [c.fixed_devices] if c.fixed_devices is not None else candidate_counts(g, total, even)
+    # memory per rank is non-increasing in d (state / d, activations x ceil(G/d)): bisect
+    lo, hi = 0, len(counts)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if memory_per_rank(topo, c.name, counts[mid]) <= profile.usable_bytes:
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo < len(counts):
+        return counts[lo]
     d = counts[-1]
     need = memory_per_rank(topo, c.name, d)
     where = "teacher" if c.role == "teacher" else f"students[{topo.group_names.index(c.name) - 1}]"
@@ -174,10 +274,12 @@ def _memory_floor(topo: Topology, c: GroupCost, profile: DeviceProfile, total: i
         hint = "; use teacher.shard: fsdp"
     elif c.role == "student" and not topo.student(c.name).activation_checkpointing:
         hint = "; try activation_checkpointing: true"
+    elif c.role == "student" and topo.train.loss_chunk_rows == 0:
+        hint = "; try train.loss_chunk_rows: 4096"
     raise DinodistError(
         f"{where}: {c.arch} ({shard}) needs {need / GIB:.1f} GiB per rank on {d} devices "
-        f"(batch {g // d} per rank) but a {profile.kind} rank has {profile.usable_bytes / GIB:.1f} GiB usable"
-        f"{hint}"
+        f"(batch {largest_share(g, d)} per rank) but a {profile.kind} rank has "
+        f"{profile.usable_bytes / GIB:.1f} GiB usable{hint}"
     )
 
 
@@ -191,23 +293,26 @@ def make_plan(topology: Topology, devices: int | None = None,
     profile = device_profile(topo)
     costs = group_costs(topo, calibration)
     g_batch = topo.train.global_batch_size
+    even = topo.train.even_batches
     floors = [_memory_floor(topo, c, profile, total) for c in costs]
-    options = allowed_devices(costs, floors, g_batch, total)
+    options = allowed_devices(costs, floors, g_batch, total, even)
     work = [c.seconds_per_image(profile) * g_batch for c in costs]
-    counts = solve(work, options, total)
+    split = None if even else g_batch
+    counts = solve(work, options, total, split)
     if counts is None:
         parts = ", ".join(f"{c.name} {o[0] if o else '-'}" for c, o in zip(costs, options))
         raise DinodistError(
             f"cluster: the groups need at least {sum(o[0] for o in options if o)} devices ({parts}) "
             f"but {total} are available"
         )
-    times = [w / d for w, d in zip(work, counts)]
+    counts = hand_out_spares(work, options, counts, total, split)
+    times = [group_seconds(w, d, split) for w, d in zip(work, counts)]
     t_max = max(times)
     groups, first = [], 0
     dpn = topo.cluster.devices_per_node
-    for c, d, t in zip(costs, counts, times):
+    for c, d, t, w in zip(costs, counts, times, work):
         ranks = list(range(first, first + d))
-        placement = []
+        placement: list[tuple[int, int, int]] = []
         for r in ranks:
             node, local = divmod(r, dpn)
             if placement and placement[-1][0] == node:
@@ -215,13 +320,15 @@ def make_plan(topology: Topology, devices: int | None = None,
             else:
                 placement.append((node, local, 1))
         groups.append(GroupPlan(
-            name=c.name, role=c.role, arch=c.arch, devices=d, ranks=ranks, batch_per_rank=g_batch // d,
-            seconds_per_iteration=t, wait_fraction=1 - t / t_max,
+            name=c.name, role=c.role, arch=c.arch, devices=d, ranks=ranks,
+            batch_per_rank=largest_share(g_batch, d), seconds_per_iteration=t,
+            wait_fraction=1 - (w / d) / t_max,  # mean rank: w/d busy seconds of t_max
             memory_per_rank_bytes=memory_per_rank(topo, c.name, d),
-            flops_per_image=c.flops_per_image, calibration=c.scale, placement=placement,
+            flops_per_image=c.flops_per_image, calibration=c.scale,
+            min_batch_per_rank=g_batch // d, busy_device_seconds=w, placement=placement,
         ))
         first += d
-    return Plan(topo.name, profile.kind, total, dpn, g_batch, t_max, groups, profile.memory_bytes)
+    return Plan(topo.name, profile.kind, total, dpn, g_batch, t_max, groups, profile.memory_bytes, even)
 
 
 def _fmt_seconds(s: float) -> str:
@@ -234,19 +341,20 @@ def plan_table(plan: Plan) -> str:
     rows = [head]
     for g in plan.groups:
         ranks = f"{g.ranks[0]}..{g.ranks[-1]}" if g.devices > 1 else str(g.ranks[0])
-        rows.append((g.name, g.role, g.arch, str(g.devices), ranks, str(g.batch_per_rank),
+        batch = str(g.batch_per_rank) if g.min_batch_per_rank == g.batch_per_rank else \
+            f"{g.min_batch_per_rank}-{g.batch_per_rank}"
+        rows.append((g.name, g.role, g.arch, str(g.devices), ranks, batch,
                      _fmt_seconds(g.seconds_per_iteration), f"{100 * g.wait_fraction:.1f}",
                      f"{g.memory_per_rank_bytes / GIB:.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    busy = sum(g.devices * g.seconds_per_iteration for g in plan.groups)
     lines.append("")
     lines.append(
         f"{plan.name}: {plan.used_devices}/{plan.total_devices} {plan.device} devices "
         f"({plan.idle_devices} idle), {_fmt_seconds(plan.seconds_per_iteration)} s/iter, "
         f"{plan.global_batch_size / plan.seconds_per_iteration:.1f} img/s, "
-        f"device-time busy {100 * busy / (plan.used_devices * plan.seconds_per_iteration):.1f} %"
+        f"job wait {100 * plan.wait_fraction:.1f} % (device-weighted, idle devices count as waiting)"
     )
     return "\n".join(lines)

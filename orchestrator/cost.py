@@ -1,8 +1,9 @@
 """Cost model: FLOPs and memory per image and per rank for the teacher and each student group.
 
-Time. A group's iteration time is `flops_per_image * G / devices / flops_per_device` (each of its
-ranks takes G/devices images of the global batch G). Communication is not modelled; calibration
-from measured step times (`plan --calibrate RUN_DIR`) absorbs it into a per-group factor.
+Time. A group's iteration time is `flops_per_image * rows / flops_per_device`, rows being its
+largest rank's share of the global batch G: G / devices with even batches, ceil(G / devices) with
+`train.even_batches: false`. Communication is not modelled; calibration from measured step times
+(`plan --calibrate RUN_DIR`) absorbs it into a per-group factor.
 
 - teacher: backbone forward on the 2 global crops, plus (targets=heads) the DINO head without its
   last layer on the 2 CLS tokens and the iBOT head without its last layer on the masked patches.
@@ -12,14 +13,18 @@ from measured step times (`plan --calibrate RUN_DIR`) absorbs it into a per-grou
   to the received targets.
   Masked patches per image: 2 crops x mask_probability x mean(mask_ratio) x patches per crop.
 
-Memory per rank (bytes), checked against the device memory minus a runtime reserve:
+Memory per rank (bytes), for the largest rank's rows b, checked against the device memory minus
+a runtime reserve:
 - student: 20 B per trainable parameter (fp32 master 4 + fp32 grad 4 + AdamW m, v 8 + fp32 EMA 4),
   divided by the group size under FSDP, plus two all-gathered bf16 blocks (current + prefetch);
   the teacher heads' last layers in bf16 (replicated); activations: per token per block, bf16 saves
   of 10*D + 2*H (MLP: fc1 out, GELU out) or 10*D + 4*H (SwiGLU: w1, w2, gate, product) elements,
-  or with activation checkpointing only the block input D plus one block's full set; logits in
-  fp32: student DINO (2+n crops) x K x 3 (logits, log-softmax, grad), teacher probabilities
-  2 x K x 2 (logits, Sinkhorn-Knopp), iBOT per masked patch K_ibot x 5 (same terms).
+  or with activation checkpointing only the block input D plus one block's full set; the heads'
+  MLP activations and the [rows, Db] bottlenecks (`head_activation_bytes`); the prototype losses
+  (`prototype_loss_bytes`): with `train.loss_chunk_rows` > 0 the peak of the chunked losses
+  (`core.losses.chunked.loss_activation_bytes`, O(chunk x K)), with 0 the full fp32 logits:
+  student DINO (2+n crops) x K x 3 (logits, log-softmax, grad), teacher probabilities 2 x K x 2
+  (logits, Sinkhorn-Knopp), iBOT per masked patch K_ibot x 5 (same terms).
 - teacher (frozen): bf16 backbone + heads without last layers, divided by the group size under
   FSDP (plus two all-gathered blocks); inference activations: one block's working set
   (D residual + 3D qkv + D attention out + H or 2H FFN hidden, bf16) for the 2 global crops.
@@ -37,8 +42,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from core.errors import DinodistError
+from core.losses.chunked import loss_activation_bytes
 from core.models.arch import (
     ArchSpec,
+    HeadSpec,
     forward_flops,
     head_flops,
     head_parameters,
@@ -147,11 +154,68 @@ def _ffn_elems(spec: ArchSpec) -> int:
     return 2 * spec.ffn_hidden if spec.ffn_layer == "mlp" else 4 * spec.ffn_hidden
 
 
+def largest_share(global_batch: int, devices: int) -> int:
+    """Rows of a group's largest rank: G / d with even batches, ceil(G / d) with uneven ones."""
+    return -(-global_batch // devices)
+
+
+def prototype_loss_bytes(topo: Topology, name: str, rows_per_rank: int) -> int:
+    """Peak fp32 memory of one student rank's DINO and iBOT losses over the prototypes.
+
+    Unchunked (`train.loss_chunk_rows: 0`): the full [rows, K] matrices are live: student DINO
+    logits for the 2 + n crops x 3 (logits, log-softmax, grad), teacher probabilities for the 2
+    global crops x 2 (logits, Sinkhorn-Knopp), iBOT per masked patch x 5 (the same terms).
+    Chunked: `core.losses.chunked.loss_activation_bytes`, the peak of the chunked losses, plus
+    what that function leaves to us: the fp32 copies of the student's and the teacher's prototype
+    weights [K, Db] the chunked losses compute with (the teacher's stay alive in the Sinkhorn-Knopp
+    factors through the loss) and the fp32 gradient of the student's.
+    """
+    d = topo.data
+    dino, ibot = topo.student_heads(name)
+    spec = topo.student_spec(name)
+    rows_dino = rows_per_rank * (2 + d.local_crops)
+    rows_ibot = math.ceil(rows_per_rank * masked_patches_per_image(topo, spec.patch_size))
+    chunk = topo.train.loss_chunk_rows
+    if chunk == 0:
+        t_dino = topo.dino_head()
+        return 4 * (rows_dino * 3 * dino.n_prototypes + rows_per_rank * 2 * 2 * t_dino.n_prototypes
+                    + rows_ibot * 5 * ibot.n_prototypes)
+    t_dino, t_ibot = topo.dino_head(), topo.ibot_head()
+    student_w = dino.n_prototypes * dino.bottleneck_dim + ibot.n_prototypes * ibot.bottleneck_dim
+    teacher_w = t_dino.n_prototypes * t_dino.bottleneck_dim + t_ibot.n_prototypes * t_ibot.bottleneck_dim
+    weights = 4 * (2 * student_w + teacher_w)
+    return weights + loss_activation_bytes(rows_dino, rows_ibot, dino.n_prototypes, ibot.n_prototypes, chunk)
+
+
+def head_activation_bytes(topo: Topology, name: str, rows_per_rank: int) -> int:
+    """Activations of one student rank's DINO and iBOT heads and of the [rows, Db] bottlenecks.
+
+    Per row through a head: bf16 saves of its input D, of each hidden layer's linear and GELU
+    outputs (2 H per hidden layer) and of the bottleneck before and after L2 normalisation (2 Db);
+    then the normalised bottleneck and its gradient in fp32 for the prototype loss (2 Db), and the
+    received teacher bottleneck rows in fp32 (Db; 2 global crops for DINO, the masked patches for
+    iBOT). DINO rows: the 2 + n crops' CLS tokens; iBOT rows: the masked patches.
+    """
+    d = topo.data
+    spec = topo.student_spec(name)
+    dino, ibot = topo.student_heads(name)
+    t_dino, t_ibot = topo.dino_head(), topo.ibot_head()
+    rows_dino = rows_per_rank * (2 + d.local_crops)
+    rows_ibot = math.ceil(rows_per_rank * masked_patches_per_image(topo, spec.patch_size))
+
+    def per_row(h: HeadSpec) -> int:
+        return 2 * (spec.embed_dim + (h.nlayers - 1) * 2 * h.hidden_dim + 2 * h.bottleneck_dim) \
+            + 4 * 2 * h.bottleneck_dim
+
+    return (rows_dino * per_row(dino) + rows_ibot * per_row(ibot)
+            + 4 * (2 * rows_per_rank * t_dino.bottleneck_dim + rows_ibot * t_ibot.bottleneck_dim))
+
+
 def student_memory_per_rank(topo: Topology, name: str, devices: int) -> int:
     spec = topo.student_spec(name)
     s = topo.student(name)
     d = topo.data
-    b = topo.train.global_batch_size // devices
+    b = largest_share(topo.train.global_batch_size, devices)
     params = num_parameters(spec)
     heads = topo.teacher.targets == "heads"
     if heads:
@@ -172,15 +236,13 @@ def student_memory_per_rank(topo: Topology, name: str, devices: int) -> int:
         last_layers = t_dino.bottleneck_dim * t_dino.n_prototypes
         last_layers += t_ibot.bottleneck_dim * t_ibot.n_prototypes
         state += 2 * last_layers
-        m = masked_patches_per_image(topo, spec.patch_size)
-        act += b * 4 * ((2 + d.local_crops) * 3 * dino.n_prototypes + 2 * 2 * t_dino.n_prototypes)
-        act += b * 4 * m * 5 * ibot.n_prototypes
+        act += prototype_loss_bytes(topo, name, b) + head_activation_bytes(topo, name, b)
     return int(state + act)
 
 
 def teacher_memory_per_rank(topo: Topology, devices: int) -> int:
     spec = topo.teacher_spec()
-    b = topo.train.global_batch_size // devices
+    b = largest_share(topo.train.global_batch_size, devices)
     params = num_parameters(spec)
     if topo.teacher.targets == "heads":
         params += head_parameters(topo.dino_head(), spec.embed_dim, with_last_layer=False)
@@ -284,7 +346,8 @@ def calibrate(topo: Topology, run_dir: str | Path, devices: dict[str, int]) -> d
             continue
         step, images = measured
         images = images or topo.train.global_batch_size
-        predicted = g.seconds_per_image(profile) * images / run_devices[g.name]
+        # the group's step is its largest rank's: ceil(images / ranks) rows (= images / ranks when even)
+        predicted = g.seconds_per_image(profile) * largest_share(round(images), run_devices[g.name])
         if step > 0 and predicted > 0:
             factors[g.name] = step / predicted
     if not factors:
@@ -339,9 +402,13 @@ def official_colocated(topo: Topology, split: dict[str, int]) -> dict:
     for x in groups:
         x["wait_fraction"] = 1 - x["seconds_per_iteration"] / t_max
     busy = sum(x["devices"] * x["seconds_per_iteration"] for x in groups)
+    # the job's bubble as `Plan.wait_fraction` counts it: useful device-seconds are the teacher on
+    # the G images (not the W * ceil(G/W) it runs, padding included) and each student on G images
+    useful = g * t_img + sum(g * student_flops_per_image(topo, n) / profile.flops for n in split)
     return {"design": "official colocated", "devices": world, "seconds_per_iteration": t_max,
             "images_per_second": g / t_max, "teacher_seconds_per_rank": t_teacher,
-            "idle_fraction": 1 - busy / (world * t_max), "groups": groups}
+            "idle_fraction": 1 - busy / (world * t_max), "wait_fraction": 1 - useful / (world * t_max),
+            "groups": groups}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,22 +425,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fixed = parse_topology(official_topology_dict(args.device))
     official = official_colocated(fixed, dict(OFFICIAL_SPLIT))
-    ours_topo = parse_topology(official_topology_dict(args.device, auto=True))
-    ours = make_plan(ours_topo, devices=official["devices"])
+    ours = {}
+    for label, even in (("even", True), ("uneven", False)):
+        raw = official_topology_dict(args.device, auto=True)
+        raw["train"]["even_batches"] = even
+        ours[label] = make_plan(parse_topology(raw), devices=official["devices"])
     if args.json:
-        print(json.dumps({"official": official, "dinodist": ours.to_dict()}, indent=1))
+        print(json.dumps({"official": official, **{f"dinodist_{k}": p.to_dict() for k, p in ours.items()}},
+                         indent=1))
         return 0
     print(f"workload: 7B teacher + {', '.join(a for a, _ in OFFICIAL_SPLIT)}, global batch "
           f"{OFFICIAL_GLOBAL_BATCH}, {official['devices']} x {args.device}")
     print(f"official colocated: {official['seconds_per_iteration']:.3f} s/iter, "
-          f"{official['images_per_second']:.0f} img/s, idle {100 * official['idle_fraction']:.1f} %")
+          f"{official['images_per_second']:.0f} img/s, job wait {100 * official['wait_fraction']:.1f} %")
     for x in official["groups"]:
         print(f"  {x['name']:<12} {x['devices']:>4} ranks  batch/rank {x['batch_per_rank']:>3}  "
               f"{x['seconds_per_iteration']:.3f} s  wait {100 * x['wait_fraction']:.1f} %")
-    print(f"dinodist matched groups: {ours.seconds_per_iteration:.3f} s/iter, "
-          f"{OFFICIAL_GLOBAL_BATCH / ours.seconds_per_iteration:.0f} img/s, "
-          f"speed-up x{official['seconds_per_iteration'] / ours.seconds_per_iteration:.2f}")
-    print(plan_table(ours))
+    for label, plan in ours.items():
+        print(f"\ndinodist matched groups, {label} batches: {plan.seconds_per_iteration:.3f} s/iter, "
+              f"{OFFICIAL_GLOBAL_BATCH / plan.seconds_per_iteration:.0f} img/s, "
+              f"speed-up x{official['seconds_per_iteration'] / plan.seconds_per_iteration:.2f}")
+        print(plan_table(plan))
     return 0
 
 

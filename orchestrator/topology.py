@@ -140,6 +140,12 @@ class Train(_Strict):
     warmup_iterations: int = Field(0, ge=0)
     checkpoint_every: int | None = Field(None, gt=0)
     prefetch_depth: int = Field(1, ge=1)
+    # true: every rank of a group takes G / devices rows, so each group size must divide G.
+    # false: a group of d ranks splits G as evenly as possible (orchestrator.allocate.rank_rows), so
+    # any size is allowed and the allocator can match iteration times at batches like 4096 = 2^12
+    even_batches: bool = True
+    # rows per chunk of the prototype losses (the [rows, K] logits are never all live); 0: unchunked
+    loss_chunk_rows: int = Field(4096, ge=0)
 
 
 class Metrics(_Strict):
@@ -484,10 +490,17 @@ def check_topology(topo: Topology) -> None:
         (f"students[{i}]", s.devices) for i, s in enumerate(topo.students)
     ]
     for where, n in fixed:
-        if n != "auto" and g % n:
+        if n == "auto":
+            continue
+        if tr.even_batches and g % n:
             raise DinodistError(
                 f"{where}.devices: train.global_batch_size {g} is not divisible by {n} devices "
-                "(every rank of a group takes the same share of the global batch)"
+                "(every rank of a group takes the same share of the global batch; "
+                "train.even_batches: false allows uneven shares)"
+            )
+        if n > g:
+            raise DinodistError(
+                f"{where}.devices: {n} devices exceed train.global_batch_size {g} (a rank would get no rows)"
             )
     n_fixed = sum(n for _, n in fixed if n != "auto")
     n_auto = sum(1 for _, n in fixed if n == "auto")

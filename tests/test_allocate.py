@@ -1,107 +1,277 @@
-import itertools
 import json
+import math
 import random
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from core.errors import DinodistError
-from orchestrator.allocate import allowed_devices, divisors, make_plan, solve
+from orchestrator.allocate import (
+    allowed_devices,
+    candidate_counts,
+    group_seconds,
+    hand_out_spares,
+    make_plan,
+    rank_rows,
+    solve,
+)
 from orchestrator.cost import (
     GIB,
     calibrate,
     device_profile,
     group_costs,
+    largest_share,
+    masked_patches_per_image,
     memory_per_rank,
+    prototype_loss_bytes,
     student_flops_per_image,
     teacher_flops_per_image,
 )
+from orchestrator.cost import main as cost_main
 from orchestrator.topology import load_topology, parse_topology
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "topologies"
 
 
-def brute_force(work, options, total):
-    best = None
-    for combo in itertools.product(*options):
-        if sum(combo) <= total:
-            t = max(w / d for w, d in zip(work, combo))
-            best = t if best is None else min(best, t)
-    return best
+def _times(work, options, g_batch):
+    return [np.array([group_seconds(w, d, g_batch) for d in opts]) for w, opts in zip(work, options)]
 
 
-@pytest.mark.parametrize("seed", range(60))
-def test_solve_matches_brute_force(seed):
+def brute_force(work, options, total, g_batch=None):
+    """Every assignment in options[0] x options[1] x ...: (min T, min bubble) over those with sum <= total.
+
+    The bubble of an assignment is computed rank by rank from `rank_rows` (each rank busy for its
+    own rows, idle devices waiting the whole iteration), independently of the allocator's formula.
+    """
+    grids = [np.array(o, dtype=np.int64) for o in options]
+    times = _times(work, options, g_batch)
+    busy = []
+    for w, opts in zip(work, options):
+        if g_batch is None:
+            busy.append(np.array([w for _ in opts]))  # even split: d ranks x w/d
+        else:
+            per_row = w / g_batch
+            busy.append(np.array([sum(per_row * len(range(g_batch)[rank_rows(g_batch, d, r)])
+                                      for r in range(d)) for d in opts]))
+    mesh = np.meshgrid(*[np.arange(len(o)) for o in options], indexing="ij")
+    used = sum(g[m] for g, m in zip(grids, mesh))
+    t = np.max(np.stack([ts[m] for ts, m in zip(times, mesh)]), axis=0)
+    work_done = sum(b[m] for b, m in zip(busy, mesh))
+    ok = used <= total
+    if not ok.any():
+        return None, None
+    bubble = (total * t - work_done) / (total * t)
+    return float(t[ok].min()), float(bubble[ok].min())
+
+
+def _random_case(seed, even):
     rng = random.Random(seed)
-    g_batch = rng.choice([12, 16, 24, 30, 36, 48, 60, 64])
+    g_batch = rng.choice([12, 16, 24, 30, 36, 48, 60, 64] if even else [10, 13, 16, 21, 24, 31])
     n_groups = rng.randint(2, 4)
-    total = rng.randint(n_groups, 40)
-    divs = [d for d in divisors(g_batch) if d <= total]
+    total = rng.randint(n_groups, 24 if n_groups == 4 else 40)
+    sizes = candidate_counts(g_batch, total, even)
     work = [rng.uniform(0.1, 10.0) for _ in range(n_groups)]
     options = []
     for _ in range(n_groups):
         r = rng.random()
         if r < 0.2:
-            options.append([rng.choice(divs)])  # fixed
+            options.append([rng.choice(sizes)])  # fixed
         else:
-            floor = rng.choice(divs) if r < 0.5 else 1  # memory floor
-            options.append([d for d in divs if d >= floor])
-    counts = solve(work, options, total)
-    best = brute_force(work, options, total)
-    if best is None:
+            floor = rng.choice(sizes) if r < 0.5 else 1  # memory floor
+            options.append([d for d in sizes if d >= floor])
+    return g_batch, total, work, options
+
+
+@pytest.mark.parametrize("even", [True, False], ids=["even", "uneven"])
+@pytest.mark.parametrize("seed", range(40))
+def test_allocation_matches_brute_force(seed, even):
+    g_batch, total, work, options = _random_case(seed, even)
+    split = None if even else g_batch
+    counts = solve(work, options, total, split)
+    best_t, best_bubble = brute_force(work, options, total, split)
+    if best_t is None:
         assert counts is None
         return
     assert counts is not None and sum(counts) <= total
-    t_star = max(w / d for w, d in zip(work, counts))
-    assert t_star == pytest.approx(best, rel=1e-12)
-    # each group uses the fewest devices that meet T*: no avoidable wait
+    t_star = max(group_seconds(w, d, split) for w, d in zip(work, counts))
+    assert t_star == pytest.approx(best_t, rel=1e-12)
+    # solve: each group uses the fewest devices that meet T*
     for w, d, opts in zip(work, counts, options):
-        assert d == min(o for o in opts if w / o <= t_star * (1 + 1e-12))
+        assert d == min(o for o in opts if group_seconds(w, o, split) <= t_star * (1 + 1e-12))
+
+    given = hand_out_spares(work, options, counts, total, split)
+    assert sum(given) <= total and all(d in o for d, o in zip(given, options))
+    times = [group_seconds(w, d, split) for w, d in zip(work, given)]
+    assert max(times) == pytest.approx(t_star, rel=1e-12)  # throughput unchanged
+    # the job's bubble, rank by rank, is the smallest over every assignment
+    busy = sum(w / g_batch * len(range(g_batch)[rank_rows(g_batch, d, r)]) if split else w / d
+               for w, d in zip(work, given) for r in range(d))
+    bubble = (total * max(times) - busy) / (total * max(times))
+    assert bubble == pytest.approx(best_bubble, rel=1e-9, abs=1e-12)
+    # no device is wasted: a group's count is the fewest that reach its time ...
+    for w, d, opts, t in zip(work, given, options, times):
+        assert d == min(o for o in opts if group_seconds(w, o, split) <= t * (1 + 1e-12))
+    # ... and no spare left could shorten any group's time
+    spare = total - sum(given)
+    for w, d, opts, t in zip(work, given, options, times):
+        assert not any(d < o <= d + spare and group_seconds(w, o, split) < t for o in opts)
 
 
-def _paper_brute_force(topo, total):
-    """Independent exhaustive search for the paper topology (vectorised over all combinations)."""
+def test_hand_out_goes_to_the_slowest_group_first():
+    # group 0 is pinned at 3 devices (4.0 s); groups 1 and 2 may use any divisor of 12
+    work, options = [12.0, 9.0, 6.0], [[3], [1, 2, 3, 4, 6, 12], [1, 2, 3, 4, 6, 12]]
+    counts = solve(work, options, 8)
+    assert counts == [3, 3, 2] and [w / d for w, d in zip(work, counts)] == [4.0, 3.0, 3.0]
+    assert hand_out_spares(work, options, counts, 8) == counts  # nothing to hand out
+    # 3 spares: group 1 (3.0 s, first of the tie) 3 -> 4 (2.25 s); then group 2 (3.0 s) 2 -> 3
+    # (2.0 s); then group 1 would need 2 spares for 6, so group 2 takes the last one: 3 -> 4
+    assert hand_out_spares(work, options, counts, 11) == [3, 4, 4]
+    # a spare that cannot shorten anyone stays idle: group 1 at 6 needs 6 more for 12
+    assert hand_out_spares([1.0, 9.0], [[1], [6, 12]], [1, 6], 10) == [1, 6]
+
+
+def test_rank_rows_partition_the_batch():
+    for g_batch in (1, 7, 12, 4096):
+        for d in {1, 2, 3, 5, 7, 12, 96, 103, min(g_batch, 4096)}:
+            if d > g_batch:
+                continue
+            rows = [rank_rows(g_batch, d, r) for r in range(d)]
+            assert rows[0].start == 0 and rows[-1].stop == g_batch
+            assert all(a.stop == b.start for a, b in zip(rows, rows[1:]))
+            sizes = [s.stop - s.start for s in rows]
+            assert max(sizes) == largest_share(g_batch, d) and min(sizes) == g_batch // d
+            if g_batch % d == 0:
+                assert rows == [slice(r * (g_batch // d), (r + 1) * (g_batch // d)) for r in range(d)]
+    with pytest.raises(DinodistError, match="rank 3: outside a group of 3 ranks"):
+        rank_rows(10, 3, 3)
+    with pytest.raises(DinodistError, match="group size 11: must be between 1 and the global batch size 10"):
+        rank_rows(10, 11, 0)
+
+
+def test_uneven_loss_scaling_gives_the_full_batch_gradient():
+    # what the runtime must do with uneven shares: each rank's mean loss x rows * d / G, then the
+    # data-parallel mean of gradients equals the gradient of the mean loss over the global batch
+    torch.manual_seed(0)
+    g_batch, d = 13, 4
+    x, y = torch.randn(g_batch, 5), torch.randn(g_batch)
+    w = torch.randn(5, requires_grad=True)
+    (((x @ w - y) ** 2).mean()).backward()
+    full = w.grad.clone()
+    grads = []
+    for r in range(d):
+        rows = rank_rows(g_batch, d, r)
+        w.grad = None
+        n = rows.stop - rows.start
+        (((x[rows] @ w - y[rows]) ** 2).mean() * n * d / g_batch).backward()
+        grads.append(w.grad.clone())
+    torch.testing.assert_close(torch.stack(grads).mean(0), full, rtol=1e-6, atol=1e-6)
+    # without the scaling the 3-row and 4-row ranks would be weighted equally: a different gradient
+    unscaled = []
+    for r in range(d):
+        rows = rank_rows(g_batch, d, r)
+        w.grad = None
+        (((x[rows] @ w - y[rows]) ** 2).mean()).backward()
+        unscaled.append(w.grad.clone())
+    assert not torch.allclose(torch.stack(unscaled).mean(0), full, rtol=1e-4, atol=1e-6)
+
+
+def _min_max_dp(times_by_group, options, total):
+    """Exact min over sum d <= total of max_g t_g(d_g), by dynamic programming over the budget."""
+    best = np.zeros(total + 1)  # best[b]: min max time of the groups so far using <= b devices
+    for ts, opts in zip(times_by_group, options):
+        nxt = np.full(total + 1, np.inf)
+        for t, d in zip(ts, opts):
+            if d > total:
+                continue
+            cand = np.maximum(best[: total + 1 - d], t)
+            nxt[d:] = np.minimum(nxt[d:], cand)
+        best = nxt
+    return float(best[total])
+
+
+def _paper_optimum(topo, total):
+    """Independent optimum for the paper topology: all sizes the batch split allows above memory."""
     profile = device_profile(topo)
     g_batch = topo.train.global_batch_size
-    costs = group_costs(topo)
-    grids, works = [], []
-    for c in costs:
-        opts = [d for d in divisors(g_batch) if d <= total
-                and memory_per_rank(topo, c.name, d) <= profile.usable_bytes]
-        grids.append(np.array(opts, dtype=np.int64))
-        works.append(c.seconds_per_image(profile) * g_batch)
-    mesh = np.meshgrid(*grids, indexing="ij")
-    used = sum(m for m in mesh)
-    t = np.max(np.stack([w / m for w, m in zip(works, mesh)]), axis=0)
-    return float(t[used <= total].min())
+    even = topo.train.even_batches
+    times, options = [], []
+    for c in group_costs(topo):
+        sizes = [d for d in (range(1, total + 1)) if d <= g_batch and (not even or g_batch % d == 0)]
+        opts = [d for d in sizes if memory_per_rank(topo, c.name, d) <= profile.usable_bytes]
+        s_img = c.seconds_per_image(profile)
+        times.append([s_img * -(-g_batch // d) for d in opts])
+        options.append(opts)
+    return _min_max_dp(times, options, total)
 
 
+@pytest.mark.parametrize("even", [False, True], ids=["uneven", "even"])
 @pytest.mark.parametrize("total", [256, 512])
-def test_paper_plan_is_optimal(total):
-    topo = load_topology(CONFIGS / "dinov3-paper.yaml")
+def test_paper_plan_is_optimal(total, even):
+    topo = load_topology(CONFIGS / "dinov3-paper.yaml", {"train.even_batches": even})
     plan = make_plan(topo, devices=total)
     assert plan.used_devices <= total
-    assert plan.seconds_per_iteration == pytest.approx(_paper_brute_force(topo, total), rel=1e-12)
+    assert plan.seconds_per_iteration == pytest.approx(_paper_optimum(topo, total), rel=1e-12)
     slowest = max(plan.groups, key=lambda g: g.seconds_per_iteration)
-    assert slowest.wait_fraction == 0.0
+    assert slowest.wait_fraction == pytest.approx(0.0, abs=0.01)  # only its ranks' uneven shares
+    g_batch = topo.train.global_batch_size
     for g in plan.groups:
-        assert topo.train.global_batch_size % g.devices == 0
-        assert g.batch_per_rank * g.devices == topo.train.global_batch_size
+        if even:
+            assert g_batch % g.devices == 0 and g.batch_per_rank * g.devices == g_batch
+        assert g.min_batch_per_rank * g.devices <= g_batch <= g.batch_per_rank * g.devices
         assert g.memory_per_rank_bytes <= 80 * GIB
+    # the job's bubble, rank by rank with idle devices fully waiting, is what the plan reports
+    t = plan.seconds_per_iteration
+    waits = [t - g.flops_per_image * g.calibration / device_profile(topo).flops
+             * len(range(g_batch)[rank_rows(g_batch, g.devices, r)])
+             for g in plan.groups for r in range(g.devices)]
+    waits += [t] * plan.idle_devices
+    assert plan.wait_fraction == pytest.approx(sum(waits) / (total * t), rel=1e-9)
 
 
-def test_paper_plan_wait_report(capsys):
-    # Honest report, not an assertion of <= 3 %: with global batch 4096 every group size is a power
-    # of two, so per-group waits cannot all be small; see docs/plan.md.
+def test_paper_plan_wait_within_3_percent():
+    # the issue's target: job-level (device-weighted) wait <= 3 % at 256 and 512 GPUs with the
+    # shipped topology (uneven per-rank batches, chunked prototype losses)
     topo = load_topology(CONFIGS / "dinov3-paper.yaml")
+    assert not topo.train.even_batches and topo.train.loss_chunk_rows > 0
     for total in (256, 512):
         plan = make_plan(topo, devices=total)
-        waits = {g.name: round(100 * g.wait_fraction, 1) for g in plan.groups}
-        print(total, waits)
-        assert min(waits.values()) == 0.0
+        print(total, f"job wait {100 * plan.wait_fraction:.2f} %",
+              {g.name: (g.devices, round(100 * g.wait_fraction, 1)) for g in plan.groups})
+        assert plan.wait_fraction <= 0.03
+        # the bubble is fixed by T: the useful device-seconds are the workload's, whatever the split
+        busy = plan.busy_device_seconds
+        assert plan.wait_fraction == pytest.approx(1 - busy / (total * plan.seconds_per_iteration))
+        # and with even shares of 4096 = 2^12 it cannot be: every group size is a power of two
+        even = make_plan(load_topology(CONFIGS / "dinov3-paper.yaml", {"train.even_batches": True}),
+                         devices=total)
+        assert all(g.devices & (g.devices - 1) == 0 for g in even.groups)
+        assert even.wait_fraction > 0.2 and even.busy_device_seconds == pytest.approx(busy)
+
+
+def test_chunked_losses_lower_the_small_students_memory_floor():
+    chunked = load_topology(CONFIGS / "dinov3-paper.yaml")
+    plain = load_topology(CONFIGS / "dinov3-paper.yaml", {"train.loss_chunk_rows": 0})
+    usable = device_profile(chunked).usable_bytes
+
+    def floor(topo):
+        return min(d for d in range(1, 513) if memory_per_rank(topo, "vits16", d) <= usable)
+
+    assert floor(chunked) < floor(plain)
+    # the unchunked model: fp32 logits over all 262 144 / 98 304 prototypes of a rank's rows
+    b = 256
+    m = masked_patches_per_image(plain, 16)
+    unchunked = prototype_loss_bytes(plain, "vits16", b)
+    assert unchunked == 4 * (10 * b * 3 * 262144 + b * 4 * 262144 + math.ceil(b * m) * 5 * 98304)
+    # chunked: less from a few rows per rank on, and far less once a rank's rows exceed a chunk
+    for rows in (b // 4, b, 4 * b):
+        assert prototype_loss_bytes(chunked, "vits16", rows) <= prototype_loss_bytes(plain, "vits16", rows)
+    assert prototype_loss_bytes(chunked, "vits16", 4 * b) < prototype_loss_bytes(plain, "vits16", 4 * b) / 2
+    # parameter memory is untouched by chunking
+    assert memory_per_rank(plain, "teacher", 64) == memory_per_rank(chunked, "teacher", 64)
 
 
 def test_search_is_fast_at_512_devices():
@@ -209,3 +379,32 @@ def test_calibration_scales_measured_group(tmp_path):
     assert got.seconds_per_iteration == pytest.approx(expect)
     with pytest.raises(DinodistError, match="no <group>/metrics.jsonl"):
         calibrate(topo, tmp_path, {})
+
+
+def test_official_comparison_uses_the_same_bubble(capsys):
+    assert cost_main(["--official", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    off = data["official"]
+    # official: every rank runs the teacher on ceil(G/W) images, so the padding rows count as waiting
+    # on top of the group waits (idle_fraction counts them as busy)
+    assert off["wait_fraction"] > off["idle_fraction"] > 0
+    for key in ("dinodist_even", "dinodist_uneven"):
+        ours = data[key]
+        assert ours["total_devices"] == off["devices"]
+        assert ours["wait_fraction"] < off["wait_fraction"]
+        assert ours["seconds_per_iteration"] < off["seconds_per_iteration"]
+    # same workload: the useful device-seconds per iteration agree between the two designs
+    useful_off = (1 - off["wait_fraction"]) * off["devices"] * off["seconds_per_iteration"]
+    assert data["dinodist_uneven"]["busy_device_seconds"] == pytest.approx(useful_off, rel=1e-9)
+    assert data["dinodist_uneven"]["wait_fraction"] <= data["dinodist_even"]["wait_fraction"]
+
+
+def test_unchunked_losses_are_refused_with_a_hint():
+    over = {"cluster.memory_per_device_gib": 40, "students[0].devices": 8}
+    plan = make_plan(load_topology(CONFIGS / "dinov3-paper.yaml", over), devices=512)
+    assert plan.group("vits16").devices == 8
+    unchunked = load_topology(CONFIGS / "dinov3-paper.yaml", {**over, "train.loss_chunk_rows": 0})
+    want = (r"^students\[0\]: vits16 \(fsdp\) needs .* GiB per rank on 8 devices \(batch 512 per rank\) "
+            r".*; try train.loss_chunk_rows: 4096$")
+    with pytest.raises(DinodistError, match=want):
+        make_plan(unchunked, devices=512)

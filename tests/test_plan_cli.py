@@ -50,12 +50,37 @@ def test_plan_json_schema(capsys):
         assert g["role"] == ("teacher" if g["name"] == "teacher" else "student")
         assert g["ranks"] == list(range(nxt, nxt + g["devices"]))
         nxt += g["devices"]
-        assert g["batch_per_rank"] * g["devices"] == 4096
+        # uneven shares (the paper topology): sizes ceil and floor of 4096 / devices
+        assert g["batch_per_rank"] == -(-4096 // g["devices"])
+        assert g["min_batch_per_rank"] == 4096 // g["devices"]
         assert 0.0 <= g["wait_fraction"] < 1.0
         assert g["seconds_per_iteration"] <= data["seconds_per_iteration"]
         assert isinstance(g["memory_per_rank_bytes"], int)
     assert max(g["seconds_per_iteration"] for g in data["groups"]) == data["seconds_per_iteration"]
-    assert data["used_devices"] == nxt <= 512
+    assert data["used_devices"] == nxt <= 512 and data["even_batches"] is False
+    # the job's bubble: device-weighted group waits, idle devices fully waiting
+    weighted = sum(g["devices"] * g["wait_fraction"] for g in data["groups"]) + data["idle_devices"]
+    assert data["wait_fraction"] == pytest.approx(weighted / data["total_devices"], rel=1e-9)
+    assert data["wait_fraction"] <= 0.03
+
+
+def test_even_batches_rule_stays_the_default(capsys):
+    small = str(CONFIGS / "cpu-small.yaml")
+    assert main(["plan", small, "--set", "students[0].devices=3", "--devices", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("dinodist plan: error: students[0].devices: train.global_batch_size 4 is not divisible "
+                   "by 3 devices (every rank of a group takes the same share of the global batch; "
+                   "train.even_batches: false allows uneven shares)")
+    assert main(["plan", small, "--set", "students[0].devices=3", "--set", "train.even_batches=false",
+                 "--set", "cluster.devices_per_node=8", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    g = data["groups"][1]
+    assert (g["devices"], g["batch_per_rank"], g["min_batch_per_rank"]) == (3, 2, 1)
+    assert main(["plan", small, "--set", "students[0].devices=5", "--set", "train.even_batches=false",
+                 "--set", "cluster.devices_per_node=8"]) == 2
+    assert "students[0].devices: 5 devices exceed train.global_batch_size 4" in capsys.readouterr().err
+    assert main(["plan", small, "--set", "train.loss_chunk_rows=-1"]) == 2
+    assert "train.loss_chunk_rows: Input should be greater than or equal to 0" in capsys.readouterr().err
 
 
 def test_plan_table_and_overrides(capsys):

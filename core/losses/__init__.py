@@ -15,3 +15,22 @@ __all__ = [
     "resize_gram_teacher",
     "sinkhorn_knopp",
 ]
+
+# Memory-light variants: logits over the prototypes are recomputed per chunk of rows, never held whole.
+from core.losses.chunked import (  # noqa: E402
+    SinkhornScaling,
+    dino_loss_chunked,
+    ibot_loss_chunked,
+    loss_activation_bytes,
+    prototype_cross_entropy_chunked,
+    sinkhorn_knopp_chunked,
+)
+
+__all__ += [
+    "SinkhornScaling",
+    "dino_loss_chunked",
+    "ibot_loss_chunked",
+    "loss_activation_bytes",
+    "prototype_cross_entropy_chunked",
+    "sinkhorn_knopp_chunked",
+]

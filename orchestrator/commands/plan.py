@@ -2,6 +2,12 @@
 
 Needs no GPU: device throughput and memory come from the cost model (orchestrator/cost.py),
 optionally calibrated by the step times of an earlier run.
+
+Target store cost: when the topology has a `store:` (or with `--store-cost`), the plan adds the
+store's bytes per image, per iteration, per 10^6 iterations, for the whole run and what its
+retention keeps on disk (core.target_store.bytes_per_image: the expected size of a record from
+the teacher's head widths, the crop grid and the mean masked fraction). `--json` adds the same
+under "store_cost". `--store-cost` also lists every storage dtype.
 """
 
 from __future__ import annotations
@@ -9,9 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from core.target_store import bytes_per_image, bytes_per_million_iterations
 from orchestrator.allocate import make_plan, plan_table
 from orchestrator.cost import calibrate
-from orchestrator.topology import load_topology
+from orchestrator.topology import Topology, load_topology
+
+STORE_DTYPES = ("fp32", "bf16", "int8")
+_COLUMNS = ("bytes_per_image", "bytes_per_iteration", "bytes_per_million_iterations", "bytes_for_run",
+            "bytes_retained")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calibrate", metavar="RUN_DIR", default=None,
                    help="scale each group's cost by measured/predicted step time "
                    "from RUN_DIR/<group>/metrics.jsonl")
+    p.add_argument("--store-cost", action="store_true",
+                   help="add the target store's size (per image, per iteration, per 10^6 iterations, "
+                   "retained) for every storage dtype, even without a `store:` in the topology")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a topology field, e.g. --set train.global_batch_size=512 (repeatable)")
     p.set_defaults(func=run)
@@ -39,11 +53,66 @@ def run(args: argparse.Namespace) -> int:
     if args.calibrate:
         factors = calibrate(topo, args.calibrate, {g.name: g.devices for g in plan.groups})
         plan = make_plan(topo, devices=args.devices, calibration=factors)
+    cost = store_cost(topo, all_dtypes=args.store_cost) if (topo.store or args.store_cost) else None
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=1))
+        out = plan.to_dict()
+        if cost is not None:
+            out["store_cost"] = cost
+        print(json.dumps(out, indent=1))
     else:
         print(plan_table(plan))
         if args.calibrate:
             cal = ", ".join(f"{g.name} x{g.calibration:.2f}" for g in plan.groups)
             print(f"calibrated from {args.calibrate}: {cal}")
+        if cost is not None:
+            print("\n" + store_cost_table(cost))
     return 0
+
+
+def _cost(topo: Topology, dtype: str, retain: int | str) -> dict:
+    spec = topo.teacher_spec()
+    d, tr = topo.data, topo.train
+    kw = {"targets": topo.teacher.targets, "dino_dim": topo.dino_head().bottleneck_dim,
+          "ibot_dim": topo.ibot_head().bottleneck_dim,
+          "patches_per_crop": (d.global_crop_size // spec.patch_size) ** 2,
+          # masks: a sample is masked with mask_probability, at a ratio uniform in mask_ratio
+          "masked_fraction": d.mask_probability * sum(d.mask_ratio) / 2, "dtype": dtype,
+          "feature_dim": spec.embed_dim}
+    per_million = bytes_per_million_iterations(tr.global_batch_size, **kw)
+    per_iteration = per_million / 1e6
+    kept = tr.iterations if retain == "all" else min(int(retain), tr.iterations)
+    return {"dtype": dtype, "retain": retain, "bytes_per_image": bytes_per_image(**kw),
+            "bytes_per_iteration": per_iteration, "bytes_per_million_iterations": per_million,
+            "bytes_for_run": per_iteration * tr.iterations, "bytes_retained": per_iteration * kept}
+
+
+def store_cost(topo: Topology, all_dtypes: bool = False) -> dict:
+    """Expected target-store size for the topology's store (bf16, keep all, when it has none)."""
+    dtype = topo.store.dtype if topo.store else "bf16"
+    retain = topo.store.retain if topo.store else "all"
+    cost = {"configured": topo.store is not None, "path": topo.store.path if topo.store else None,
+            **_cost(topo, dtype, retain)}
+    if all_dtypes:
+        cost["by_dtype"] = {dt: _cost(topo, dt, retain) for dt in STORE_DTYPES}
+    return cost
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def store_cost_table(cost: dict) -> str:
+    where = cost["path"] if cost["configured"] else "not configured (topology has no store:)"
+    retain = "all" if cost["retain"] == "all" else f"last {cost['retain']} iterations"
+    lines = [f"target store: {where}; retain {retain}",
+             "dtype  bytes/image  bytes/iter  per 1e6 iters  whole run  retained"]
+    rows = cost.get("by_dtype") or {cost["dtype"]: cost}
+    for dt, c in rows.items():
+        mark = "*" if cost["configured"] and dt == cost["dtype"] else " "
+        cells = [_bytes(c[k]) for k in _COLUMNS]
+        widths = (11, 10, 13, 9, 8)
+        lines.append(f"{dt + mark:<6} " + "  ".join(f"{x:>{w}}" for x, w in zip(cells, widths)))
+    return "\n".join(lines)

@@ -1,0 +1,495 @@
+"""Memory-light prototype losses: Sinkhorn-Knopp and DINO / iBOT cross-entropy streamed over row chunks.
+
+At paper scale a student rank would otherwise hold fp32 logits, log-softmax and gradients over
+262,144 DINO / 98,304 iBOT prototypes for every row at once (tens of GiB). Here the prototype
+logits `bottleneck @ weight.T` are recomputed per chunk of rows and never exist for all rows, so
+the working set is O(chunk_rows x K); the results equal `core.losses.sinkhorn_knopp`, `dino_loss`
+and `ibot_loss` on the full logits (float32 math, up to rounding).
+
+Sinkhorn-Knopp in factored form. Every step of the official algorithm multiplies Q by a
+per-prototype or a per-row factor, so after any number of steps
+
+    Q[b, k] = exp((l[b, k] - m[k]) / tau) * a[k] * c[b]
+
+and the algorithm only has to find the vectors `a` [K] and `c` [B]: a prototype step sets
+a[k] = 1 / (K sum_b exp(..) c[b]) (summed over the group: the all-reduce of the unchunked version),
+a row step sets c[b] = 1 / (B_total sum_k exp(..) a[k]) (local). Both sums stream over row chunks.
+The initial global normaliser is cancelled by the first prototype step, and the final x B_total
+turns the last row step into a plain row normalisation (rows of the result sum to 1). The 1/K and
+1/B_total factors cancel too in exact arithmetic, but they keep a and c from growing or shrinking
+geometrically (by B_total / K per iteration) over many iterations, so they stay.
+
+Numerical guard: the official version computes exp(l / tau) without a max shift, which overflows
+in fp32 once l / tau > 88 (and a prototype whose logits are all below -87 tau gets an all-zero
+column, hence inf / NaN). We take m[k], each prototype's maximum over all rows of the group (an
+all-reduced MAX), and unless 0 <= m[k] / tau <= 60 compute exp((l - m[k]) / tau) instead. A
+per-prototype factor exp(-m[k] / tau) is absorbed exactly by a[k], so the shift changes nothing
+mathematically; it keeps exp() <= 1 and gives the prototype one term equal to 1 in its column sum,
+so nothing overflows or underflows to an all-zero column. Per prototype rather than one global max,
+since a global max would still let a prototype whose logits sit far below the largest one underflow.
+Where it is not needed the shift is 0, so exp() sees exactly the argument l / tau of the unshifted
+version and rounds the same way (a shifted argument (l - m) / tau is larger for small
+probabilities and so carries a larger absolute rounding error).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from core.errors import DinodistError
+
+# Rows per chunk. Sinkhorn-Knopp holds ~2 x chunk x K floats, the cross-entropies ~4 x chunk x K (DINO:
+# chunks of the images, each with its teacher crops and one student crop), so the losses default to a
+# smaller chunk: 256 x 262,144 prototypes x 4 x 4 bytes = 1 GiB.
+DEFAULT_CHUNK_ROWS = 4096
+DEFAULT_LOSS_CHUNK_ROWS = 256
+FP32_BYTES = 4
+# K-wide fp32 tensors alive at once per chunk row (see `loss_activation_bytes`). DINO global crops: the
+# two teacher crops' probabilities, the student log-probabilities and logsumexp's temporary (the
+# gradient of the backward reuses the log-probabilities' memory); local crops: the mixed target of both
+# teacher crops replaces them (3 while it is formed). iBOT: one teacher row instead of two.
+# Sinkhorn-Knopp: the chunk's logits / exp plus a reduction temporary (2 per row of at most 2x the rows).
+_DINO_WIDE_PER_ROW = 2 + 2
+_IBOT_WIDE_PER_ROW = 1 + 2
+# A prototype's logits are shifted by their max m unless 0 <= m / tau <= 60: exp(60) = 1e26 leaves room
+# for sums over 1e12 rows below fp32's 3e38, and a column max >= exp(0) keeps >= 87 nats above its
+# smallest normal 1e-38 (the shifted case has exactly 87).
+_SHIFT_ABOVE = 60.0
+
+
+def _distributed(group) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _all_reduce(x: Tensor, group, op=None) -> Tensor:
+    if _distributed(group):
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
+    return x
+
+
+def _chunks(n: int, chunk_rows: int) -> Iterator[slice]:
+    for start in range(0, n, chunk_rows):
+        yield slice(start, min(start + chunk_rows, n))
+
+
+def _check_chunk_rows(chunk_rows: int) -> None:
+    if int(chunk_rows) < 1:
+        raise DinodistError(f"chunk_rows must be >= 1, got {chunk_rows}")
+
+
+def _check_weight(weight: Tensor, dim: int, name: str, owner: str) -> None:
+    if weight.dim() != 2 or weight.shape[1] != dim:
+        raise DinodistError(
+            f"{name} must be [K, {dim}] (dim = the {owner}'s last dim), got shape {tuple(weight.shape)}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sinkhorn-Knopp
+
+
+@dataclass(frozen=True)
+class SinkhornScaling:
+    """Teacher probabilities over the local rows, kept as factors instead of a [B, K] matrix.
+
+    e[b, k] = exp((bottleneck[b] . weight[k] - shift[k]) / temperature) * col[k], and
+    probs[b] = e[b] / sum_k e[b, k]: the last row step of Sinkhorn-Knopp is done here, from the same
+    e that is returned, so rows sum to 1 up to one rounding whatever chunking produced them (with no
+    iterations there is no row step and probs[b] = e[b] * total instead).
+    """
+
+    bottleneck: Tensor  # [B, Db], the rows of this rank
+    weight: Tensor  # [K, Db] float32
+    temperature: float
+    shift: Tensor  # [K] per-prototype max over the group's rows, 0 where no shift is needed
+    col: Tensor  # [K]
+    total: Tensor | None  # B_total when n_iterations == 0, else None (rows are normalised)
+
+    @property
+    def rows(self) -> int:
+        return self.bottleneck.shape[0]
+
+    @property
+    def n_prototypes(self) -> int:
+        return self.weight.shape[0]
+
+    def probs(self, rows: slice | Tensor = slice(None)) -> Tensor:
+        """Float32 probabilities [n, K] of the selected rows (a slice or an index tensor)."""
+        # In place: one [n, K] allocation per call.
+        q = _shifted_exp(self.bottleneck[rows], self.weight, self.shift, self.temperature).mul_(self.col)
+        if self.total is None:
+            return q.div_(q.sum(-1, keepdim=True))
+        return q.mul_(self.total)
+
+
+def _shift(m: Tensor, temperature: float) -> Tensor:
+    """The per-prototype shift for column maxima m: m outside the window, 0 inside or where m is -inf."""
+    top = m / temperature
+    return torch.where(torch.isfinite(m) & ((top < 0) | (top > _SHIFT_ABOVE)), m, torch.zeros_like(m))
+
+
+def _shifted_exp(x: Tensor, weight: Tensor, shift: Tensor, temperature: float) -> Tensor:
+    return (x.float() @ weight.t()).sub_(shift).div_(temperature).exp_()
+
+
+@torch.no_grad()
+def sinkhorn_knopp_chunked(
+    bottleneck: Tensor,
+    weight: Tensor,
+    temperature: float,
+    n_iterations: int = 3,
+    group=None,
+    n_samples: int | Tensor | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> SinkhornScaling:
+    """`sinkhorn_knopp(bottleneck @ weight.T, ...)` as factors, streaming over chunks of rows.
+
+    Same arguments and semantics as `core.losses.sinkhorn_knopp` (prototype sums all-reduced over
+    `group`, the world when None and torch.distributed is up; row sums local), but the logits are
+    recomputed per chunk of `chunk_rows` rows: max(n_iterations, 1) passes of a [chunk, Db] x [Db, K]
+    matmul here, and one more per row when its probabilities are materialised. Every rank of the
+    group must call it (collectives: the row count unless n_samples is given, one MAX and
+    max(n_iterations, 1) SUMs of a [K] vector).
+    """
+    if bottleneck.dim() != 2:
+        raise DinodistError(f"sinkhorn bottleneck must be [rows, dim], got shape {tuple(bottleneck.shape)}")
+    _check_weight(weight, bottleneck.shape[1], "sinkhorn weight", "bottleneck")
+    _check_chunk_rows(chunk_rows)
+    if n_iterations < 0:
+        raise DinodistError(f"sinkhorn n_iterations must be >= 0, got {n_iterations}")
+    if not temperature > 0:
+        raise DinodistError(f"sinkhorn temperature must be > 0, got {temperature}")
+    x = bottleneck.detach()
+    w = weight.detach().float()
+    n, k = x.shape[0], w.shape[0]
+    dev = w.device
+
+    # Pass 0: per-prototype max and sum of exp((l - shift) / tau) in one pass, with the shift rule applied
+    # to the running max and the running sum rescaled when a later chunk changes it (as online softmax
+    # does). In the common case the shift stays 0 throughout and no rescaling rounds anything.
+    m = torch.full((k,), float("-inf"), device=dev)
+    ref = torch.zeros(k, device=dev)
+    s = torch.zeros(k, device=dev)
+    for rows in _chunks(n, chunk_rows):
+        logits = x[rows].float() @ w.t()
+        m = torch.maximum(m, logits.amax(0))
+        new_ref = _shift(m, temperature)
+        s.mul_(torch.exp((ref - new_ref) / temperature))
+        s.add_(logits.sub_(new_ref).div_(temperature).exp_().sum(0))
+        ref = new_ref
+        del logits  # before the next chunk's logits exist, not after
+    shift = _shift(_all_reduce(m.clone(), group, dist.ReduceOp.MAX), temperature)
+    # A rank without rows has s = 0 (and m = -inf): its factor may overflow, its sum must stay 0.
+    s = torch.where(torch.isfinite(m), s * torch.exp((ref - shift) / temperature), torch.zeros_like(s))
+    s = _all_reduce(s, group)
+
+    if n_samples is None:
+        total = _all_reduce(torch.tensor(float(n), device=dev), group)
+    else:
+        total = torch.as_tensor(n_samples, dtype=torch.float32, device=dev)
+    if n_iterations == 0:
+        # Only the initial global normalisation: Q = exp(l / tau) * B_total / sum(exp(l / tau)).
+        top = shift.max() if k else shift.new_zeros(())
+        col = torch.exp((shift - top) / temperature)
+        col /= (col * s).sum()
+        return SinkhornScaling(x, w, temperature, shift, col, total)
+
+    # Iterations 1 .. n-1 stream the row step into the next prototype step; the last row step, a plain
+    # row normalisation, is left to SinkhornScaling.probs.
+    col = 1.0 / (k * s)
+    for _ in range(n_iterations - 1):
+        next_s = torch.zeros(k, device=dev)
+        for rows in _chunks(n, chunk_rows):
+            e = _shifted_exp(x[rows], w, shift, temperature)
+            # mv then add: addmv_ accumulating into next_s rounds ~4x worse (measured).
+            next_s += e.t() @ (1.0 / (total * (e @ col)))
+            del e
+        col = 1.0 / (k * _all_reduce(next_s, group))
+    return SinkhornScaling(x, w, temperature, shift, col, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-entropy between teacher probabilities and student prototype logits
+
+
+class _DenseTeacher:
+    """Already materialised teacher probabilities, behind the same `probs(rows)` as SinkhornScaling."""
+
+    def __init__(self, probs: Tensor) -> None:
+        self._probs = probs.detach().reshape(-1, probs.shape[-1])
+
+    @property
+    def rows(self) -> int:
+        return self._probs.shape[0]
+
+    @property
+    def n_prototypes(self) -> int:
+        return self._probs.shape[1]
+
+    def probs(self, rows: slice | Tensor = slice(None)) -> Tensor:
+        return self._probs[rows].float()
+
+
+Teacher = SinkhornScaling | Tensor
+
+
+@dataclass(frozen=True)
+class _Plan:
+    teacher: SinkhornScaling | _DenseTeacher
+    pair_weights: list[list[float]]  # [S][T]
+    row_weights: Tensor | None  # [B]
+    student_temp: float
+    chunk_rows: int
+
+
+def _chunk_targets(plan: _Plan, rows: slice, b: int) -> list[Tensor | None]:
+    """Per student crop s, the target sum_t pair_weights[s][t] * probs(teacher crop t, rows).
+
+    Teacher probabilities are computed once per chunk and shared by every student crop; crops with the
+    same weight pattern (all local crops) share one mixed target.
+    """
+    teacher_rows: dict[int, Tensor] = {}
+
+    def crop(t: int) -> Tensor:
+        if t not in teacher_rows:
+            teacher_rows[t] = plan.teacher.probs(slice(t * b + rows.start, t * b + rows.stop))
+        return teacher_rows[t]
+
+    mixed: dict[tuple[float, ...], Tensor | None] = {}
+    out = []
+    for pattern in map(tuple, plan.pair_weights):
+        if pattern not in mixed:
+            terms = [(t, wt) for t, wt in enumerate(pattern) if wt != 0.0]
+            if not terms:
+                target = None
+            elif len(terms) == 1 and terms[0][1] == 1.0:
+                target = crop(terms[0][0])
+            else:
+                target = crop(terms[0][0]) * terms[0][1]
+                for t, wt in terms[1:]:
+                    target.add_(crop(t), alpha=wt)
+            mixed[pattern] = target
+        out.append(mixed[pattern])
+    return out
+
+
+def _log_probs(x_rows: Tensor, weight: Tensor, temp: float) -> Tensor:
+    z = (x_rows.float() @ weight.t()).div_(temp)
+    return z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
+
+
+class _ChunkedPrototypeCE(torch.autograd.Function):
+    """Forward and backward both stream over row chunks; only the inputs are saved.
+
+    This is activation checkpointing done by hand: the backward recomputes each chunk's student
+    logits (and teacher probabilities) instead of storing them. Written as one Function rather than
+    torch.utils.checkpoint per chunk so that a chunk's teacher probabilities are computed once for all
+    student crops, in the forward and again in the backward, instead of once per (crop, teacher crop)
+    pair each time: with 2 global + 8 local crops that is 2 teacher matmuls per chunk instead of 18.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, plan: _Plan) -> Tensor:
+        w = weight.float()
+        total = torch.zeros((), device=x.device)
+        for rows in _chunks(x.shape[1], plan.chunk_rows):
+            total -= _forward_chunk(x, w, plan, rows)
+        ctx.save_for_backward(x, weight)
+        ctx.plan = plan
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        w = weight.float()
+        dx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        scale = grad.float() / plan.student_temp
+        with torch.no_grad():
+            for rows in _chunks(x.shape[1], plan.chunk_rows):
+                _backward_chunk(x, w, plan, rows, scale, dx, dw)
+        return dx, (dw.to(weight.dtype) if dw is not None else None), None
+
+
+# One chunk per call, so that the chunk's tensors are freed on return, before the next chunk allocates.
+
+
+def _forward_chunk(x: Tensor, w: Tensor, plan: _Plan, rows: slice) -> Tensor:
+    """sum over the chunk's rows and student crops of row_weight * sum_k target_k log_softmax_k."""
+    total = torch.zeros((), device=x.device)
+    for s, target in enumerate(_chunk_targets(plan, rows, x.shape[1])):
+        if target is None:
+            continue
+        log_p = _log_probs(x[s, rows], w, plan.student_temp)
+        # Row-wise dot products as a batched matmul: no [rows, K] product temporary.
+        ce = torch.bmm(target.unsqueeze(1), log_p.unsqueeze(2)).view(-1)
+        del log_p
+        if plan.row_weights is not None:
+            ce = ce * plan.row_weights[rows]
+        total += ce.sum()
+    return total
+
+
+def _backward_chunk(x: Tensor, w: Tensor, plan: _Plan, rows: slice, scale: Tensor,
+                    dx: Tensor | None, dw: Tensor | None) -> None:
+    if plan.row_weights is not None:
+        scale = scale * plan.row_weights[rows].unsqueeze(1)
+    for s, target in enumerate(_chunk_targets(plan, rows, x.shape[1])):
+        if target is None:
+            continue
+        x_rows = x[s, rows].float()
+        # d/dz of -sum_k q_k log_softmax(z)_k is softmax(z) * sum_k q_k - q, with z = logits / tau.
+        g = _log_probs(x_rows, w, plan.student_temp).exp_()
+        g.mul_(target.sum(-1, keepdim=True)).sub_(target).mul_(scale)
+        if dx is not None:
+            dx[s, rows] = (g @ w).to(dx.dtype)
+        if dw is not None:
+            dw.addmm_(g.t(), x_rows)
+        del g
+
+
+def prototype_cross_entropy_chunked(
+    student_bottleneck: Tensor,
+    student_weight: Tensor,
+    teacher: Teacher,
+    pair_weights: Tensor,
+    row_weights: Tensor | None = None,
+    student_temp: float = 0.1,
+    chunk_rows: int = DEFAULT_LOSS_CHUNK_ROWS,
+) -> Tensor:
+    """Weighted cross-entropy sum_{s,t,b} pair_weights[s,t] row_weights[b] CE(teacher (t,b), student (s,b)).
+
+    CE(q, z) = -sum_k q_k log_softmax(z / student_temp)_k with student logits
+    z = student_bottleneck[s, b] @ student_weight.T. `student_bottleneck` [S, B, Db] is crop-major,
+    `teacher` holds T * B rows in the same crop-major order (a SinkhornScaling, or probabilities
+    [T * B, K] / [T, B, K]). Differentiable w.r.t. the student bottleneck and weight; forward and
+    backward keep O(chunk_rows x K) floats alive (chunks run over the B samples).
+    """
+    if student_bottleneck.dim() != 3:
+        raise DinodistError(
+            f"student_bottleneck must be [crops, rows, dim], got shape {tuple(student_bottleneck.shape)}"
+        )
+    s_crops, b, dim = student_bottleneck.shape
+    _check_weight(student_weight, dim, "student_weight", "student_bottleneck")
+    _check_chunk_rows(chunk_rows)
+    source = teacher if isinstance(teacher, SinkhornScaling) else _DenseTeacher(teacher)
+    if source.n_prototypes != student_weight.shape[0]:
+        raise DinodistError(
+            f"teacher has {source.n_prototypes} prototypes but student_weight has {student_weight.shape[0]}"
+        )
+    if pair_weights.dim() != 2 or pair_weights.shape[0] != s_crops:
+        raise DinodistError(
+            f"pair_weights must be [{s_crops}, teacher crops], got shape {tuple(pair_weights.shape)}"
+        )
+    t_crops = pair_weights.shape[1]
+    if source.rows != t_crops * b:
+        raise DinodistError(
+            f"teacher has {source.rows} rows, expected {t_crops} crops x {b} rows (crop-major)"
+        )
+    if row_weights is not None:
+        if row_weights.shape != (b,):
+            raise DinodistError(f"row_weights must be [{b}], got shape {tuple(row_weights.shape)}")
+        row_weights = row_weights.detach().float()
+    pairs = pair_weights.detach().double().tolist()
+    plan = _Plan(source, pairs, row_weights, float(student_temp), int(chunk_rows))
+    return _ChunkedPrototypeCE.apply(student_bottleneck, student_weight, plan)
+
+
+def dino_loss_chunked(
+    student_bottleneck: Tensor,
+    student_weight: Tensor,
+    teacher: Teacher,
+    student_temp: float = 0.1,
+    ignore_diagonal: bool = False,
+    chunk_rows: int = DEFAULT_LOSS_CHUNK_ROWS,
+) -> Tensor:
+    """`dino_loss(student_bottleneck @ student_weight.T, teacher probs, ...)` without the [S, B, K] logits.
+
+    `student_bottleneck` [S, B, Db] (crop-major, as the logits of dino_loss), `teacher` T * B rows
+    (SinkhornScaling of the teacher crops, or probabilities [T, B, K]).
+    """
+    if student_bottleneck.dim() != 3:
+        raise DinodistError(
+            f"student_bottleneck must be [crops, rows, dim], got shape {tuple(student_bottleneck.shape)}"
+        )
+    s_crops, b, _ = student_bottleneck.shape
+    source = teacher if isinstance(teacher, SinkhornScaling) else _DenseTeacher(teacher)
+    t_rows = source.rows
+    if b == 0 or t_rows % b:
+        raise DinodistError(f"teacher has {t_rows} rows, not a whole number of crops of {b} rows")
+    t_crops = t_rows // b
+    pairs = torch.ones(s_crops, t_crops)
+    if ignore_diagonal:
+        pairs -= torch.eye(s_crops, t_crops)
+        n_pairs = s_crops * t_crops - min(s_crops, t_crops)
+    else:
+        n_pairs = s_crops * t_crops
+    ce = prototype_cross_entropy_chunked(
+        student_bottleneck, student_weight, teacher, pairs, None, student_temp, chunk_rows
+    )
+    return ce / (b * n_pairs)
+
+
+def ibot_loss_chunked(
+    student_bottleneck: Tensor,
+    student_weight: Tensor,
+    teacher: Teacher,
+    masks: Tensor,
+    student_temp: float = 0.1,
+    masks_weight: Tensor | None = None,
+    chunk_rows: int = DEFAULT_LOSS_CHUNK_ROWS,
+) -> Tensor:
+    """`ibot_loss(student_bottleneck @ student_weight.T, teacher probs, masks, ...)` chunk by chunk.
+
+    `student_bottleneck` [M, Db] and `teacher` (M rows) hold the masked patches in
+    `masks.flatten().nonzero()` order; `masks` [N, P] bool; `masks_weight` [M] defaults to
+    1 / #masked of the patch's crop.
+    """
+    if student_bottleneck.dim() != 2:
+        raise DinodistError(
+            f"ibot student_bottleneck must be [masked, dim], got shape {tuple(student_bottleneck.shape)}"
+        )
+    if masks.dim() != 2:
+        raise DinodistError(f"ibot masks must be [crops, patches], got shape {tuple(masks.shape)}")
+    m = student_bottleneck.shape[0]
+    if int(masks.sum()) != m:
+        raise DinodistError(f"ibot masks select {int(masks.sum())} patches, student_bottleneck has {m} rows")
+    if masks_weight is None:
+        per_crop = masks.sum(-1, keepdim=True).clamp(min=1).float()
+        masks_weight = (1.0 / per_crop).expand_as(masks)[masks]
+    ce = prototype_cross_entropy_chunked(
+        student_bottleneck.unsqueeze(0), student_weight, teacher, torch.ones(1, 1), masks_weight,
+        student_temp, chunk_rows,
+    )
+    return ce / masks.shape[0]
+
+
+def loss_activation_bytes(rows_dino: int, rows_ibot: int, k_dino: int, k_ibot: int,
+                          chunk_rows: int = DEFAULT_LOSS_CHUNK_ROWS) -> int:
+    """Upper estimate of the peak bytes the chunked DINO + iBOT losses allocate on one rank.
+
+    `rows_dino`: the DINO batch per crop (images on the rank; the teacher has 2x, the student
+    (2 + n_local)x rows), over which the DINO chunks run; passing all DINO rows instead only
+    over-estimates. `rows_ibot`: masked patches on the rank.
+
+    The terms run one after another (teacher Sinkhorn-Knopp, DINO global, DINO local, iBOT, and the
+    same in the backward), so the peak is the largest phase, not their sum. Per chunk row a phase holds
+    K-wide fp32 tensors: DINO 4 (2 teacher crops' probabilities, the student log-probabilities and
+    logsumexp's temporary; local crops hold one mixed target instead of the two crops), iBOT 3,
+    Sinkhorn-Knopp 2 over at most twice the rows, so never more than DINO. Added on top: the [K]
+    factor vectors and per-row factors / weights. Not included: the prototype weights, their gradient,
+    the student bottleneck and its gradient, which are parameter- / activation-sized and counted
+    elsewhere by the cost model (with bf16 prototype weights the losses add an fp32 copy and an fp32
+    gradient of each, K x Db).
+    """
+    _check_chunk_rows(chunk_rows)
+    dino = min(chunk_rows, rows_dino) * k_dino * _DINO_WIDE_PER_ROW
+    ibot = min(chunk_rows, rows_ibot) * k_ibot * _IBOT_WIDE_PER_ROW
+    vectors = 4 * (k_dino + k_ibot) + 4 * (rows_dino + rows_ibot)
+    return FP32_BYTES * (max(dino, ibot) + vectors)

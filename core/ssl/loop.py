@@ -1,0 +1,362 @@
+"""The SSL training loop: data -> schedules -> step -> update -> EMA -> metrics -> checkpoints.
+
+Determinism: the batch of iteration t is a pure function of (seed, t) (core.data), every schedule is a
+pure function of t, and the checkpoint holds model, EMA teacher, Gram teacher, optimizer and every rank's
+RNG state. A run killed after a checkpoint and resumed therefore continues the same loss trajectory
+bit for bit (CPU). metrics.jsonl lines past the resumed iteration are dropped before writing new ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from core.checkpoint import latest_checkpoint, load_checkpoint, load_model_only, save_checkpoint
+from core.data.augment import CropConfig
+from core.data.loader import BatchLoader
+from core.data.sources import build_source
+from core.errors import DinodistError
+from core.ssl.config import Resolution, StageConfig, dump_config
+from core.ssl.model import (
+    SSLModel,
+    build_ssl_model,
+    copy_weights,
+    ema_update,
+    load_tower,
+    read_teacher_export,
+)
+from core.ssl.optim import apply_hyperparams, build_optimizer
+from core.ssl.schedules import lr_scale_factor, scaled, schedule_value
+from core.ssl.step import StepScalars, compute_losses
+
+SUBMODULES = ("backbone", "dino_head", "ibot_head")
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def resolutions(cfg: StageConfig) -> list[Resolution]:
+    c = cfg.crops
+    if c.resolutions:
+        return list(c.resolutions)
+    return [Resolution(global_size=c.global_size, local_size=c.local_size, gram_size=c.gram_size)]
+
+
+def resolution_index(cfg: StageConfig, iteration: int) -> int:
+    """Which (global, local, gram) tuple iteration t uses: a fixed-seed draw, identical on every rank."""
+    res = resolutions(cfg)
+    if len(res) == 1:
+        return 0
+    seed = (cfg.crops.resolution_seed * 0x9E3779B1 + iteration * 0x85EBCA77) % (2**63 - 1)
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.tensor([r.prob for r in res], dtype=torch.float64)
+    return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+def _crop_config(cfg: StageConfig, r: Resolution) -> CropConfig:
+    c = cfg.crops
+    return CropConfig(
+        global_size=r.global_size,
+        local_size=r.local_size,
+        n_local=c.n_local,
+        global_scale=tuple(c.global_scale),
+        local_scale=tuple(c.local_scale),
+        flips=c.flips,
+        gram_size=r.gram_size,
+        gram_no_distortions=c.gram_no_distortions,
+    )
+
+
+class _Batches:
+    """One loader per resolution; the next iteration is built in a background thread by the right loader."""
+
+    def __init__(self, cfg: StageConfig, rank: int, world: int, patch_size: int) -> None:
+        g = cfg.data.global_batch_size
+        b = g // world
+        source = build_source(cfg.data.source)
+        if len(source) == 0:
+            raise DinodistError(f"data.source {cfg.data.source!r}: no images")
+        self.cfg = cfg
+        self.loaders = [
+            BatchLoader(
+                source, _crop_config(cfg, r), g, cfg.seed, slice(rank * b, (rank + 1) * b), patch_size,
+                mask_prob=cfg.data.mask_prob, mask_ratio=tuple(cfg.data.mask_ratio), prefetch=0,
+            )
+            for r in resolutions(cfg)
+        ]
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinodist-ssl-data")
+        self.pending: dict[int, Future] = {}
+
+    def _build(self, it: int) -> dict:
+        return self.loaders[resolution_index(self.cfg, it)].build(it)
+
+    def get(self, it: int, last: int) -> dict:
+        fut = self.pending.pop(it, None)
+        for nxt in range(it + 1, min(it + 1 + max(self.cfg.data.prefetch, 0), last)):
+            if nxt not in self.pending:
+                self.pending[nxt] = self.pool.submit(self._build, nxt)
+        return fut.result() if fut is not None else self._build(it)
+
+    def close(self) -> None:
+        for f in self.pending.values():
+            f.cancel()
+        self.pool.shutdown(wait=True)
+        for ld in self.loaders:
+            ld.close()
+
+
+def _load_initial_weights(model: SSLModel, cfg: StageConfig) -> None:
+    """Before sharding: student from a teacher (highres), Gram teacher from `gram.checkpoint`."""
+    if cfg.init.checkpoint and cfg.init.mode == "teacher":
+        src = cfg.init.checkpoint
+        if Path(src).is_dir():
+            ck = find_checkpoint(src, "init.checkpoint")
+            load_model_only(ck, model.student, prefix="teacher")
+        else:
+            state, _ = read_teacher_export(src)
+            load_tower(model.student, state, src)
+        copy_weights(model.teacher, model.student)
+    if model.gram_teacher is not None:
+        src = cfg.gram.checkpoint
+        if Path(src).is_dir():
+            ck = find_checkpoint(src, "gram.checkpoint")
+            load_model_only(ck, model.gram_teacher, prefix="teacher.backbone")
+        else:
+            state, _ = read_teacher_export(src)
+            sub = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+            try:
+                model.gram_teacher.load_state_dict(sub)
+            except RuntimeError as exc:
+                line = str(exc).strip().splitlines()[0]
+                raise DinodistError(f"gram.checkpoint {src}: does not match the model ({line[:160]})") \
+                    from None
+
+
+def find_checkpoint(run_dir: str | Path, field: str) -> Path:
+    """Latest complete checkpoint of a run dir (or its ckpt/ folder, or one checkpoint dir itself)."""
+    p = Path(run_dir)
+    root = p / "ckpt" if (p / "ckpt").is_dir() else p
+    ck = latest_checkpoint(root)
+    if ck is None:
+        if (p / "meta.json").is_file():
+            return p
+        raise DinodistError(f"{field}: no checkpoint found under {run_dir}")
+    return ck
+
+
+def _clip(model: SSLModel, max_norm: float | None) -> float:
+    """Per-submodule gradient clipping as the official loop; returns the backbone's pre-clip norm."""
+    backbone_norm = 0.0
+    for name in SUBMODULES:
+        grads = [p.grad for p in model.student[name].parameters() if p.grad is not None]
+        if not grads:
+            continue
+        norm = torch.nn.utils.get_total_norm(grads)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        if max_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(model.student[name].parameters(), max_norm, norm)
+        if name == "backbone":
+            backbone_norm = float(norm)
+    return backbone_norm
+
+
+def _reduce_mean(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    names = sorted(values)
+    stacked = torch.stack([values[n].float().reshape(()) for n in names])
+    if world > 1:
+        dist.all_reduce(stacked)  # gloo has no AVG
+        stacked = stacked / world
+    return {n: float(v) for n, v in zip(names, stacked.tolist())}
+
+
+def _truncate_metrics(path: Path, start: int) -> None:
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["iteration"] < start:
+                keep.append(line)
+        except (ValueError, KeyError):
+            break  # a torn last line of a killed run
+    path.write_text("".join(k + "\n" for k in keep))
+
+
+class _Progress:
+    def __init__(self, enabled: bool, start: int, total: int, every: int) -> None:
+        self.every, self.total = every, total
+        self.bar = None
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+
+    def update(self, it: int, rec: dict) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+            self.bar.update(1)
+        elif (it + 1) % self.every == 0 or it + 1 == self.total:
+            print(
+                f"it {it + 1}/{self.total} loss {rec['loss']:.4f} lr {rec['lr']:.3e} "
+                f"{rec['step_seconds']:.3f} s/it",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(
+    cfg: StageConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    stop_at: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run (or resume) a stage in this process (one rank of the current world). Returns a summary.
+
+    `stop_at`: leave after that many completed iterations with a checkpoint, as an interrupted run would
+    (the schedules still span `train.iterations`).
+    """
+    rank, world = _rank_world()
+    out = Path(out_dir)
+    total = cfg.train.iterations
+    g = cfg.data.global_batch_size
+    if g % world:
+        raise DinodistError(f"data.global_batch_size {g} is not divisible by the {world} ranks")
+    if g // world < 2:
+        raise DinodistError(f"data.global_batch_size {g}: each of the {world} ranks needs at least 2 images")
+    use_gram = cfg.stage in ("gram", "highres")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    group = dist.group.WORLD if world > 1 else None
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+    model = build_ssl_model(cfg.model, use_gram, cfg.seed)
+    if not resume:
+        _load_initial_weights(model, cfg)
+    if device is not None:
+        model.to(device)
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type if device is not None else "cpu", (world,))
+        from core.ssl.model import shard_model
+
+        shard_model(model, mesh, param_dtype=torch.bfloat16 if device is not None else None)
+        # The backbone returns views of its normed tokens (x_norm_clstoken = x[:, 0]); step.py never
+        # modifies them in place, which is what this FSDP2 warning is about.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    optimizer = build_optimizer(model.student, model.depth, cfg.optim)
+
+    start, refreshes = 0, 0
+    # Training randomness (RoPE augmentation, drop path) differs per rank.
+    torch.manual_seed(cfg.seed * 7919 + 1 + rank)
+    if resume:
+        ck = latest_checkpoint(out / "ckpt")
+        if ck is None:
+            raise DinodistError(f"--resume: no checkpoint under {out / 'ckpt'}")
+        meta = load_checkpoint(ck, model, optimizer)
+        start, refreshes = int(meta["iteration"]), int(meta.get("gram_refreshes", 0))
+    elif cfg.init.checkpoint and cfg.init.mode == "continue":
+        ck = find_checkpoint(cfg.init.checkpoint, "init.checkpoint")
+        view = torch.nn.ModuleDict({"student": model.student, "teacher": model.teacher})
+        meta = load_checkpoint(ck, view, optimizer, restore_rng=False)
+        start = int(meta["iteration"])
+    if start >= total:
+        raise DinodistError(f"train.iterations {total}: the run is already at iteration {start}")
+    if rank == 0:
+        _truncate_metrics(out / "metrics.jsonl", start)
+
+    lr_sched = scaled(cfg.optim.lr, lr_scale_factor(cfg.optim.lr_scaling, g))
+    batches = _Batches(cfg, rank, world, model.student.backbone.patch_size)
+    bar = _Progress(progress and rank == 0, start, total, cfg.train.log_every)
+    end = total if stop_at is None else min(total, stop_at)
+    last: dict = {}
+    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
+    try:
+        for it in range(start, end):
+            t0 = time.perf_counter()
+            batch = batches.get(it, end)
+            if device is not None:
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            lr = schedule_value(lr_sched, it, total)
+            wd = schedule_value(cfg.optim.weight_decay, it, total)
+            momentum = schedule_value(cfg.loss.ema_momentum, it, total)
+            scalars = StepScalars(
+                teacher_temp=schedule_value(cfg.loss.teacher_temp, it, total),
+                local_weight=schedule_value(cfg.loss.local_weight, it, total),
+                gram_weight=schedule_value(cfg.loss.gram_weight, it, total),
+            )
+            apply_hyperparams(optimizer, lr, wd, freeze_last_layer=it < cfg.optim.freeze_last_layer_iters)
+            optimizer.zero_grad(set_to_none=True)
+            loss, terms = compute_losses(model, batch, scalars, cfg.loss, cfg.gram, use_gram, group)
+            logged = _reduce_mean({"loss": loss.detach(), **terms}, world)
+            for name in ["loss"] + sorted(terms):
+                if not math.isfinite(logged[name]):
+                    raise DinodistError(
+                        f"iteration {it}: loss term {name!r} is {logged[name]}; stopped before the update "
+                        f"(checkpoints under {out / 'ckpt'} untouched)"
+                    )
+            loss.backward()
+            grad_norm = _clip(model, cfg.optim.clip_grad)
+            optimizer.step()
+            ema_update(model.teacher, model.student, momentum)
+            gc = cfg.gram
+            if (
+                model.gram_teacher is not None and gc.refresh_every and refreshes < gc.max_refreshes
+                and it + 1 >= gc.refresh_from and (it + 1) % gc.refresh_every == 0
+            ):
+                copy_weights(model.gram_teacher, model.teacher.backbone)
+                refreshes += 1
+            rec = {"iteration": it, **logged, "lr": lr, "wd": wd, "momentum": momentum,
+                   "teacher_temp": scalars.teacher_temp, "local_weight": scalars.local_weight}
+            if use_gram:
+                rec["gram_weight"] = scalars.gram_weight
+                rec["gram_refreshes"] = refreshes
+            if len(batches.loaders) > 1:
+                r = resolutions(cfg)[resolution_index(cfg, it)]
+                rec["resolution"] = [r.global_size, r.local_size, r.gram_size]
+            rec["grad_norm"] = grad_norm
+            rec["step_seconds"] = time.perf_counter() - t0
+            rec["images"] = g
+            if metrics is not None:
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+            bar.update(it, rec)
+            last = rec
+            done = it + 1
+            if done % cfg.train.checkpoint_every == 0 or done == end:
+                save_checkpoint(
+                    out / "ckpt", done, model, optimizer,
+                    meta={"stage": cfg.stage, "gram_refreshes": refreshes},
+                    keep=cfg.train.keep_checkpoints,
+                )
+    finally:
+        bar.close()
+        batches.close()
+        if metrics is not None:
+            metrics.close()
+    return {"iterations": end, "start": start, "last": last, "out": str(out)}
+
+
+def build_for_export(cfg: StageConfig) -> SSLModel:
+    """An unsharded model of a run's config, for export/eval in one process."""
+    return build_ssl_model(cfg.model, cfg.stage in ("gram", "highres"), cfg.seed)

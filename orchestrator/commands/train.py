@@ -1,0 +1,63 @@
+"""`dinodist train STAGE_CONFIG`: run an SSL stage (pretrain / gram / highres), locally or under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from core.errors import DinodistError
+from core.ssl.config import load_stage_config
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="run an SSL stage (pretrain, gram, highres) from a stage config",
+        description="Run an SSL stage. Writes <out>/metrics.jsonl, <out>/config.yaml and DCP checkpoints "
+        "under <out>/ckpt/<iteration>/.",
+    )
+    p.add_argument("config", help="stage config YAML (configs/stages/*.yaml)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<config name>)")
+    p.add_argument("--iterations", type=int, default=None, help="override train.iterations")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--nproc", type=int, default=1, help="local ranks to spawn (gloo); ignored under torchrun")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.lr.peak=1e-3 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=run)
+
+
+def _train_rank(cfg, out: str, resume: bool, progress: bool) -> None:
+    from core.ssl.loop import train
+
+    train(cfg, out, resume=resume, progress=progress)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.iterations is not None:
+        if args.iterations <= 0:
+            raise DinodistError(f"--iterations must be positive, got {args.iterations}")
+        overrides.append(f"train.iterations={args.iterations}")
+    if args.nproc <= 0:
+        raise DinodistError(f"--nproc must be positive, got {args.nproc}")
+    cfg = load_stage_config(args.config, overrides)
+    out = args.out or str(Path("runs") / Path(args.config).stem)
+    if args.resume and not (Path(out) / "ckpt").is_dir():
+        raise DinodistError(f"--resume: no checkpoint folder {Path(out) / 'ckpt'}")
+    from core.ssl import launch
+
+    if launch.under_torchrun():
+        launch.init_from_env()
+        try:
+            _train_rank(cfg, out, args.resume, not args.quiet)
+        finally:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    elif args.nproc > 1:
+        launch.spawn(_train_rank, args.nproc, (cfg, out, args.resume, not args.quiet))
+    else:
+        _train_rank(cfg, out, args.resume, not args.quiet)
+    print(f"dinodist train: done, outputs in {out}")
+    return 0

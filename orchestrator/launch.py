@@ -1,0 +1,139 @@
+"""Start the local rank processes of a run and watch them.
+
+Each rank is `python -m orchestrator.rank ARGS` with torchrun-style env:// variables, so the
+same entry point runs under an external torchrun (see `dinodist deploy`). A rank that exits
+non-zero takes the job down: the orchestrator asks the launcher to stop the rest, which sends
+SIGTERM and, after a grace period, SIGKILL to each rank's process group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.distributed import free_port
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONTROL_ENV = "DINODIST_CONTROL"
+
+
+@dataclass
+class RankProcess:
+    rank: int
+    proc: subprocess.Popen
+    log_path: Path
+    returncode: int | None = None
+
+
+class Launcher:
+    """The local ranks of one job; `poll()` reports exits, `stop()` ends whatever is still running."""
+
+    def __init__(self, ranks: list[RankProcess], master_port: int) -> None:
+        self.ranks = ranks
+        self.master_port = master_port
+
+    def poll(self) -> list[tuple[int, int]]:
+        """Ranks that exited since the last call, as (rank, exit code)."""
+        exited = []
+        for r in self.ranks:
+            if r.returncode is None:
+                code = r.proc.poll()
+                if code is not None:
+                    r.returncode = code
+                    exited.append((r.rank, code))
+        return exited
+
+    def running(self) -> list[int]:
+        self.poll()
+        return [r.rank for r in self.ranks if r.returncode is None]
+
+    def all_exited(self) -> bool:
+        return not self.running()
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM every running rank, SIGKILL those still alive after `grace_s`."""
+        self._signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.running():
+            self._signal_all(signal.SIGKILL)
+            for r in self.ranks:
+                if r.returncode is None:
+                    r.proc.wait()
+        self.poll()
+
+    def kill(self, rank: int) -> None:
+        """SIGKILL one rank's process group (a straggler after the grace period)."""
+        r = self.ranks[rank]
+        if r.proc.poll() is None:
+            try:
+                os.killpg(r.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _signal_all(self, sig: int) -> None:
+        for r in self.ranks:
+            if r.returncode is None and r.proc.poll() is None:
+                try:
+                    os.killpg(r.proc.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def tail(self, rank: int, lines: int = 5) -> str:
+        """Last lines of a rank's log, to quote in an error message."""
+        path = self.ranks[rank].log_path
+        try:
+            text = path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+
+def rank_env(rank: int, world_size: int, master_port: int, control_addr: str | None = None,
+             extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(master_port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    # ranks share a few cores: one intra-op thread each unless the user says otherwise
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    if control_addr:
+        env[CONTROL_ENV] = control_addr
+    if extra:
+        env.update(extra)
+    return env
+
+
+def launch_ranks(world_size: int, args: Sequence[str], log_dir: str | Path, control_addr: str | None = None,
+                 extra_env: Mapping[str, str] | None = None, module: str = "orchestrator.rank") -> Launcher:
+    """Start `world_size` ranks of `python -m MODULE ARGS`, logs in `log_dir/rank-<r>.log`."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    ranks = []
+    for rank in range(world_size):
+        log_path = log_dir / f"rank-{rank}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module, *args],
+                env=rank_env(rank, world_size, port, control_addr, extra_env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # own process group: a stop reaches the rank's children too
+            )
+        ranks.append(RankProcess(rank, proc, log_path))
+    return Launcher(ranks, port)

@@ -1,0 +1,220 @@
+"""Distillation losses of one student group, from its rows' teacher targets.
+
+Teacher side (per group, on its own rows): the teacher heads' last layers turn the received
+bottleneck vectors into logits, Sinkhorn-Knopp centres them over the whole group (all-reduce in
+the group's process group), giving probabilities. Student side: DINO on the 2 global crops
+(ignoring same-crop pairs) and the n local crops, iBOT at the masked positions, KoLeo on each
+global crop's CLS. Scales generalise the official 2/18 and 16/18 to n local crops:
+global_terms = 2 * (2 - 1), local_terms = 2 * n, each scaled by its share of all terms.
+
+Two ways to the same numbers (LossConfig.loss_chunk_rows, the topology's `train.loss_chunk_rows`):
+0 materialises the [rows, K] logits of teacher and student (the heads' full forward);
+> 0 streams them over chunks of rows (core.losses.chunked), so at paper scale (K = 262,144) a rank
+never holds them whole. The chunked prototype losses must run *inside* each head's FSDP unit: they
+read the head's unsharded `last_layer.weight` and return its gradient, so `attach_chunked_losses`
+registers them (and the backbone pass that feeds them) as FSDP forward methods.
+
+Every term is a mean over the rank's rows (DINO over crops x rows, iBOT over crops, KoLeo over
+rows per crop, features over rows): on uneven shares students/run.py rescales the total by
+core.targets.loss_scale so the group's averaged gradient is the full-batch gradient.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.errors import DinodistError
+from core.losses import (
+    dino_loss,
+    dino_loss_chunked,
+    ibot_loss,
+    ibot_loss_chunked,
+    koleo_loss,
+    sinkhorn_knopp,
+    sinkhorn_knopp_chunked,
+)
+from core.losses.chunked import DEFAULT_CHUNK_ROWS
+from core.targets import HEADS
+
+N_GLOBAL = 2
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    teacher_temp: float = 0.07
+    student_temp: float = 0.1
+    dino_weight: float = 1.0
+    local_dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    # rows per chunk of the prototype losses (train.loss_chunk_rows, same default); 0: full logits
+    loss_chunk_rows: int = DEFAULT_CHUNK_ROWS
+
+    def __post_init__(self) -> None:
+        if self.loss_chunk_rows < 0:
+            raise DinodistError(f"train.loss_chunk_rows must be >= 0, got {self.loss_chunk_rows}")
+
+
+def dino_scales(n_local: int) -> tuple[float, float]:
+    """(global_scale, local_scale): each DINO term's share of all crop pairs (2/18, 16/18 for n=8)."""
+    global_terms = N_GLOBAL * (N_GLOBAL - 1)
+    local_terms = N_GLOBAL * n_local
+    total = global_terms + local_terms
+    return global_terms / total, local_terms / total
+
+
+def teacher_probs(targets: dict[str, torch.Tensor], last_layers: dict[str, torch.Tensor], temp: float,
+                  group=None) -> dict[str, torch.Tensor]:
+    """Crop-major bottleneck targets -> Sinkhorn-Knopp probabilities over the group.
+
+    DINO: [2B, Db] -> [2, B, K] (SK's batch is both global crops of the group's rows, 2G);
+    iBOT: [M, Di] -> [M, Ki] (SK's batch is the group's masked-patch count).
+    """
+    dino_logits = targets["dino"].float() @ last_layers["dino_last_layer.weight"].float().t()
+    ibot_logits = targets["ibot"].float() @ last_layers["ibot_last_layer.weight"].float().t()
+    dino = sinkhorn_knopp(dino_logits, temp, group=group)
+    ibot = sinkhorn_knopp(ibot_logits, temp, group=group)
+    return {"dino": dino.view(N_GLOBAL, -1, dino.shape[-1]), "ibot": ibot}
+
+
+def heads_loss(out: dict[str, torch.Tensor], probs: dict[str, torch.Tensor], batch: dict, n_local: int,
+               cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total distillation loss and its terms (floats, for metrics)."""
+    b = probs["dino"].shape[1]
+    logits = out["dino"].float()
+    g_logits = logits[: N_GLOBAL * b].view(N_GLOBAL, b, -1)
+    g_scale, l_scale = dino_scales(n_local)
+    dino_global = dino_loss(g_logits, probs["dino"], student_temp=cfg.student_temp, ignore_diagonal=True)
+    total = cfg.dino_weight * g_scale * dino_global
+    terms = {"dino_global": dino_global}
+    if n_local:
+        l_logits = logits[N_GLOBAL * b:].view(n_local, b, -1)
+        dino_local = dino_loss(l_logits, probs["dino"], student_temp=cfg.student_temp)
+        total = total + cfg.dino_weight * cfg.local_dino_weight * l_scale * dino_local
+        terms["dino_local"] = dino_local
+    ibot = ibot_loss(out["ibot"].float(), probs["ibot"], batch["collated_masks"],
+                     student_temp=cfg.student_temp, masks_weight=batch["masks_weight"])
+    total = total + cfg.ibot_weight * ibot
+    terms["ibot"] = ibot
+    koleo = torch.stack([koleo_loss(c) for c in out["g_cls"].float().chunk(N_GLOBAL)]).mean()
+    total = total + cfg.koleo_weight * N_GLOBAL * koleo
+    terms["koleo"] = koleo
+    return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def features_loss(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+                  cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Backbone-feature targets: cosine distance on CLS, smooth-L1 on patch tokens (both crops)."""
+    cos = 1.0 - F.cosine_similarity(out["proj_cls"].float(), targets["cls"].float(), dim=-1).mean()
+    patch = F.smooth_l1_loss(out["proj_patch"].float(), targets["patch"].float())
+    koleo = torch.stack([koleo_loss(c) for c in out["g_cls"].float().chunk(N_GLOBAL)]).mean()
+    total = cos + patch + cfg.koleo_weight * N_GLOBAL * koleo
+    return total, {"cls_cosine": float(cos.detach()), "patch_smooth_l1": float(patch.detach()),
+                   "koleo": float(koleo.detach())}
+
+
+def distill_loss(kind: str, out: dict, targets: dict, last_layers: dict | None, batch: dict, n_local: int,
+                 cfg: LossConfig, group=None) -> tuple[torch.Tensor, dict[str, float]]:
+    if kind == HEADS:
+        with torch.no_grad():
+            probs = teacher_probs(targets, last_layers, cfg.teacher_temp, group)
+        return heads_loss(out, probs, batch, n_local, cfg)
+    return features_loss(out, targets, cfg)
+
+
+# ----------------------------------------------------------------------------------- chunked
+
+
+def _head_inputs(student: nn.Module, global_crops: torch.Tensor, local_crops: torch.Tensor | None,
+                 mask_indices: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Student.forward up to the heads: `g_cls` [2B, D], `cls` [2B + nB, D], `patch` [M, D] (masked)."""
+    xs = [global_crops] + ([local_crops] if local_crops is not None and local_crops.numel() else [])
+    outs = student.backbone.forward_features_list(xs, [None] * len(xs))
+    g_cls = outs[0]["x_norm_clstoken"].clone()  # a copy: FSDP hooks outputs and warns about views
+    cls_all = torch.cat([g_cls] + ([outs[1]["x_norm_clstoken"]] if len(outs) > 1 else []))
+    flat = outs[0]["x_norm_patchtokens"].flatten(0, 1)
+    return {"g_cls": g_cls, "cls": cls_all, "patch": flat.index_select(0, mask_indices.to(flat.device))}
+
+
+def _bottleneck(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # the class's forward, not head(...): we already run inside the head's FSDP forward
+    return type(head).forward(head, x, no_last_layer=True)
+
+
+def _dino_terms(head: nn.Module, cls: torch.Tensor, teacher, n_local: int, cfg: LossConfig,
+                rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dino_global, dino_local) with the head's prototypes applied chunk by chunk."""
+    z = _bottleneck(head, cls)
+    w = head.last_layer.weight
+    g = z[: N_GLOBAL * rows].view(N_GLOBAL, rows, -1)
+    glob = dino_loss_chunked(g, w, teacher, cfg.student_temp, ignore_diagonal=True,
+                             chunk_rows=cfg.loss_chunk_rows)
+    if not n_local:
+        return glob, None
+    loc = z[N_GLOBAL * rows:].view(n_local, rows, -1)
+    return glob, dino_loss_chunked(loc, w, teacher, cfg.student_temp, chunk_rows=cfg.loss_chunk_rows)
+
+
+def _ibot_term(head: nn.Module, patch: torch.Tensor, teacher, masks: torch.Tensor, masks_weight: torch.Tensor,
+               cfg: LossConfig) -> torch.Tensor:
+    z = _bottleneck(head, patch)
+    return ibot_loss_chunked(z, head.last_layer.weight, teacher, masks, cfg.student_temp, masks_weight,
+                             chunk_rows=cfg.loss_chunk_rows)
+
+
+def attach_chunked_losses(student: nn.Module) -> None:
+    """Give a (FSDP2-sharded) heads student the methods the chunked path calls, as FSDP forwards.
+
+    FSDP2 all-gathers a unit's parameters only around `forward` and methods registered with
+    `register_fsdp_forward_method`; the chunked losses use the heads' `last_layer.weight` directly,
+    so they are such methods of the head units, and the backbone pass that stops before the heads
+    is one of the root unit (Student.forward would apply the full prototype layer).
+    """
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    if not hasattr(student, "dino_head"):
+        raise DinodistError("chunked losses (train.loss_chunk_rows > 0) need a heads student")
+    for module, name, fn in ((student, "head_inputs", _head_inputs),
+                             (student.dino_head, "dino_terms", _dino_terms),
+                             (student.ibot_head, "ibot_term", _ibot_term)):
+        setattr(module, name, types.MethodType(fn, module))
+        register_fsdp_forward_method(module, name)
+
+
+def chunked_heads_loss(student: nn.Module, batch: dict, targets: dict[str, torch.Tensor],
+                       last_layers: dict[str, torch.Tensor], n_local: int, cfg: LossConfig,
+                       group=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """`heads_loss` of `student(...)` without any [rows, K] logits (student or teacher) held whole.
+
+    Needs `attach_chunked_losses(student)` first. Same terms and scales as `distill_loss`; teacher
+    Sinkhorn-Knopp over the group by `sinkhorn_knopp_chunked` (kept as factors, recomputed per chunk).
+    """
+    c = cfg.loss_chunk_rows
+    with torch.no_grad():
+        t_dino = sinkhorn_knopp_chunked(targets["dino"], last_layers["dino_last_layer.weight"],
+                                        cfg.teacher_temp, group=group, chunk_rows=c)
+        t_ibot = sinkhorn_knopp_chunked(targets["ibot"], last_layers["ibot_last_layer.weight"],
+                                        cfg.teacher_temp, group=group, chunk_rows=c)
+    rows = targets["dino"].shape[0] // N_GLOBAL
+    local = batch.get("collated_local_crops")
+    out = student.head_inputs(batch["collated_global_crops"], local, batch["mask_indices_list"])
+    dino_global, dino_local = student.dino_head.dino_terms(out["cls"], t_dino, n_local, cfg, rows)
+    g_scale, l_scale = dino_scales(n_local)
+    total = cfg.dino_weight * g_scale * dino_global
+    terms = {"dino_global": dino_global}
+    if dino_local is not None:
+        total = total + cfg.dino_weight * cfg.local_dino_weight * l_scale * dino_local
+        terms["dino_local"] = dino_local
+    ibot = student.ibot_head.ibot_term(out["patch"], t_ibot, batch["collated_masks"], batch["masks_weight"],
+                                       cfg)
+    total = total + cfg.ibot_weight * ibot
+    terms["ibot"] = ibot
+    koleo = torch.stack([koleo_loss(x) for x in out["g_cls"].float().chunk(N_GLOBAL)]).mean()
+    total = total + cfg.koleo_weight * N_GLOBAL * koleo
+    terms["koleo"] = koleo
+    return total, {k: float(v.detach()) for k, v in terms.items()}

@@ -1,0 +1,147 @@
+"""A student: backbone + fresh DINO/iBOT heads with the teacher's head dims, its EMA, its optimizer.
+
+The student module is the FSDP2 root: its `forward` runs the multi-crop backbone pass and both
+heads, so the root unit's parameters (patch embed, tokens, norms) are unsharded by FSDP's hook.
+Blocks and heads are their own units. `features` targets replace the heads by a linear
+projection to the teacher's width.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from core.errors import DinodistError
+from core.models import HeadSpec, build_backbone, build_head
+from core.targets import HEADS
+
+
+@dataclass(frozen=True)
+class StudentOptim:
+    lr: float = 1e-3
+    weight_decay: float = 0.04
+    warmup_iterations: int = 0
+    layerwise_decay: float = 0.99
+    patch_embed_lr_mult: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float = 3.0
+    ema: float = 0.994
+
+
+class Student(nn.Module):
+    def __init__(self, backbone: nn.Module, kind: str, dino_head: HeadSpec | None = None,
+                 ibot_head: HeadSpec | None = None, teacher_dim: int = 0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.kind = kind
+        d = backbone.embed_dim
+        if kind == HEADS:
+            self.dino_head = build_head(d, dino_head)
+            self.ibot_head = build_head(d, ibot_head)
+        else:
+            self.feature_proj = nn.Linear(d, teacher_dim)
+
+    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None,
+                mask_indices: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Student outputs on unmasked crops (as the official multidistillation: masks only select
+        which patch positions iBOT supervises).
+
+        Returns `g_cls` [2B, D] (pre-head, for KoLeo) and for heads: `dino` [2B + nB, K] (global
+        crops first), `ibot` [M, Ki]; for features: `proj_cls` [2B, Dt], `proj_patch` [2B, P, Dt].
+        """
+        xs = [global_crops] + ([local_crops] if local_crops is not None and local_crops.numel() else [])
+        outs = self.backbone.forward_features_list(xs, [None] * len(xs))
+        # a copy, not a view: FSDP hooks the outputs for backward and warns about views
+        g_cls = outs[0]["x_norm_clstoken"].clone()
+        g_patch = outs[0]["x_norm_patchtokens"]
+        res = {"g_cls": g_cls}
+        if self.kind != HEADS:
+            res["proj_cls"] = self.feature_proj(g_cls)
+            res["proj_patch"] = self.feature_proj(g_patch)
+            return res
+        cls_all = torch.cat([g_cls] + ([outs[1]["x_norm_clstoken"]] if len(outs) > 1 else []))
+        # one call: one all-gather of the head per step; the loss splits global [:2B] and local [2B:]
+        res["dino"] = self.dino_head(cls_all)
+        flat = g_patch.flatten(0, 1)
+        res["ibot"] = self.ibot_head(flat.index_select(0, mask_indices.to(flat.device)))
+        return res
+
+
+def build_student(arch: str, overrides: dict | None, kind: str, dino_head: HeadSpec | None,
+                  ibot_head: HeadSpec | None, teacher_dim: int, seed: int) -> Student:
+    """Same seed -> same initial weights, whatever group or rank builds it."""
+    torch.manual_seed(seed)
+    backbone = build_backbone(arch, **(overrides or {}))
+    return Student(backbone, kind, dino_head, ibot_head, teacher_dim)
+
+
+def shard_student(student: Student, mesh) -> Student:
+    """FSDP2 over the group's mesh: one unit per block, per head, and the root."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"mesh": mesh, "reshard_after_forward": True}
+    if mesh.device_type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in student.backbone.blocks:
+        fully_shard(block, **kwargs)
+    for name in ("dino_head", "ibot_head", "feature_proj"):
+        if hasattr(student, name):
+            fully_shard(getattr(student, name), **kwargs)
+    fully_shard(student, **kwargs)
+    return student
+
+
+def make_ema(student: nn.Module) -> nn.Module:
+    ema = copy.deepcopy(student)
+    ema.requires_grad_(False)
+    return ema
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    # sharded parameters are DTensors: the EMA is elementwise, so each rank updates its own shard
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, student: nn.Module, momentum: float) -> None:
+    """ema = m * ema + (1 - m) * student over all parameters (backbone and heads)."""
+    e = [_local(p) for p in ema.parameters()]
+    s = [_local(p.detach()) for p in student.parameters()]
+    torch._foreach_lerp_(e, s, 1.0 - momentum)
+
+
+def build_optimizer(student: Student, depth: int, cfg: StudentOptim) -> torch.optim.AdamW:
+    """AdamW with the official param groups (layer-wise decay, patch-embed x0.2, no wd on norms/biases)."""
+    try:
+        from core.ssl.optim import param_groups
+    except ImportError:  # the SSL package is optional for distillation-only installs
+        param_groups = None
+    if param_groups is not None:
+        groups = param_groups(student, depth, cfg.layerwise_decay, cfg.patch_embed_lr_mult)
+    else:
+        def no_wd(n: str) -> bool:
+            return n.endswith("bias") or "norm" in n or "gamma" in n
+
+        decay = [p for n, p in student.named_parameters() if not no_wd(n)]
+        no_decay = [p for n, p in student.named_parameters() if no_wd(n)]
+        groups = [{"params": decay, "lr_mult": 1.0, "wd_mult": 1.0},
+                  {"params": no_decay, "lr_mult": 1.0, "wd_mult": 0.0}]
+    if not groups:
+        raise DinodistError("student has no trainable parameters")
+    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, weight_decay=0.0, foreach=True)
+
+
+def lr_at(iteration: int, cfg: StudentOptim) -> float:
+    """Linear warmup from 0 to `lr`, then constant (the distilled recipe's shape)."""
+    if cfg.warmup_iterations > 0 and iteration < cfg.warmup_iterations:
+        return cfg.lr * iteration / cfg.warmup_iterations
+    return cfg.lr
+
+
+def set_hyperparams(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+        g["weight_decay"] = wd * g.get("wd_mult", 1.0)

@@ -1,0 +1,232 @@
+"""The loop of one student rank: targets for its rows -> losses -> step -> EMA -> metrics.
+
+The same loop serves a live teacher (P2P receives posted one iteration ahead), an inline teacher
+(orchestrator/inline.py) and a target-store replay: only the `TargetSource` differs, which is
+what makes those runs comparable loss for loss.
+
+Uneven shares (`train.even_batches: false`): rank r of d owns rank_rows(G, d, r); its loss, a mean
+over its rows, is multiplied by core.targets.loss_scale (rows * d / G) before backward because FSDP2
+averages gradients over the d ranks: the group then steps on the full-batch gradient, as one rank
+holding all G rows would. metrics.jsonl reports the unscaled group-level terms, each the
+rows-weighted mean of the ranks' terms (= the term over the whole batch; the plain mean when even).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from core.data.augment import CropConfig
+from core.data.loader import BatchLoader
+from core.data.sources import build_source
+from core.errors import DinodistError
+from core.models import HeadSpec, build_backbone, load_backbone_state, save_backbone
+from core.targets import HEADS, TargetSource, crop_major, loss_scale, masks_from_collated, rank_rows
+from students.loss import LossConfig, attach_chunked_losses, chunked_heads_loss, distill_loss
+from students.model import (
+    StudentOptim,
+    build_optimizer,
+    build_student,
+    ema_update,
+    lr_at,
+    make_ema,
+    set_hyperparams,
+    shard_student,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudentJob:
+    """Everything one student group needs; built from the topology by the orchestrator."""
+
+    name: str
+    arch: str
+    kind: str
+    source: str
+    crops: CropConfig
+    global_batch: int
+    iterations: int
+    out_dir: Path
+    overrides: dict = field(default_factory=dict)
+    dino_head: HeadSpec | None = None
+    ibot_head: HeadSpec | None = None
+    teacher_dim: int = 0
+    seed: int = 0
+    mask_prob: float = 0.5
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    optim: StudentOptim = field(default_factory=StudentOptim)
+    loss: LossConfig = field(default_factory=LossConfig)
+    checkpoint_every: int | None = None
+
+    @property
+    def group_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+@dataclass
+class GroupContext:
+    """Where this rank sits: its group's process group and mesh, its rows, its device."""
+
+    group: object
+    mesh: object
+    group_rank: int
+    group_size: int
+    start: int
+    stop: int
+    device: torch.device
+
+
+Report = Callable[[dict], "str | None"]  # per-iteration stats in, a control command (or None) out
+
+
+def _reduce_rows(values: dict[str, float], ctx: GroupContext, global_batch: int) -> dict[str, float]:
+    """Group-level value of per-rank means: sum_r rows_r * value_r / G (the mean when shares are even)."""
+    if ctx.group_size == 1 or not values:
+        return values
+    keys = sorted(values)
+    rows = ctx.stop - ctx.start
+    t = torch.tensor([values[k] * rows for k in keys], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, group=ctx.group)
+    return {k: float(v) / global_batch for k, v in zip(keys, t.tolist())}
+
+
+def _check_rows(job: StudentJob, ctx: GroupContext) -> None:
+    want = rank_rows(job.global_batch, ctx.group_size, ctx.group_rank)
+    if (ctx.start, ctx.stop) != (want.start, want.stop):
+        raise DinodistError(
+            f"group {job.name}: rank {ctx.group_rank} of {ctx.group_size} was given rows [{ctx.start}, "
+            f"{ctx.stop}) but owns [{want.start}, {want.stop}) of the global batch {job.global_batch}"
+        )
+
+
+def _clip(student: torch.nn.Module, max_norm: float) -> None:
+    if max_norm <= 0:
+        return
+    for sub in student.children():
+        params = [p for p in sub.parameters() if p.grad is not None]
+        if params:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str, torch.Tensor] | None,
+                  ctx: GroupContext, report: Report | None = None) -> dict:
+    """Train for `job.iterations`; returns the rank's totals. Group rank 0 writes metrics and exports."""
+    _check_rows(job, ctx)
+    student = build_student(job.arch, job.overrides, job.kind, job.dino_head, job.ibot_head,
+                            job.teacher_dim, job.seed)
+    depth = len(student.backbone.blocks)
+    ema = make_ema(student)
+    student.to(ctx.device)
+    ema.to(ctx.device)
+    shard_student(student, ctx.mesh)
+    shard_student(ema, ctx.mesh)
+    chunked = job.kind == HEADS and job.loss.loss_chunk_rows > 0
+    if chunked:
+        attach_chunked_losses(student)
+    optimizer = build_optimizer(student, depth, job.optim)
+    if last_layers is not None:
+        last_layers = {k: v.to(ctx.device) for k, v in last_layers.items()}
+    source = build_source(job.source)
+    loader = BatchLoader(source, job.crops, job.global_batch, job.seed, slice(ctx.start, ctx.stop),
+                         student.backbone.patch_size, mask_prob=job.mask_prob, mask_ratio=job.mask_ratio)
+    group_dir = job.group_dir
+    writer = None
+    if ctx.group_rank == 0:
+        group_dir.mkdir(parents=True, exist_ok=True)
+        writer = open(group_dir / "metrics.jsonl", "w", buffering=1)
+    rows = ctx.stop - ctx.start
+    scale = loss_scale(rows, ctx.group_size, job.global_batch)
+    totals = {"iterations": 0, "images": 0, "step_seconds": 0.0, "wait_seconds": 0.0,
+              "rows": [ctx.start, ctx.stop], "loss_scale": scale}
+    # always the group itself: sinkhorn_knopp reads group=None as the whole world
+    sk_group = ctx.group
+    try:
+        for it in range(job.iterations):
+            t0 = time.perf_counter()
+            batch = loader.get(it)
+            tw = time.perf_counter()
+            tgt = targets.get(it)
+            wait = time.perf_counter() - tw
+            masks = masks_from_collated(batch["collated_masks"])
+            tgt_cm = crop_major(tgt, masks if job.kind == HEADS else None)
+            tgt_cm = {k: v.to(ctx.device) for k, v in tgt_cm.items()}
+            batch = {k: (v.to(ctx.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            if chunked:
+                loss, terms = chunked_heads_loss(student, batch, tgt_cm, last_layers, job.crops.n_local,
+                                                 job.loss, group=sk_group)
+            else:
+                local = batch.get("collated_local_crops")
+                out = student(batch["collated_global_crops"], local, batch.get("mask_indices_list"))
+                loss, terms = distill_loss(job.kind, out, tgt_cm, last_layers, batch, job.crops.n_local,
+                                           job.loss, group=sk_group)
+            if not torch.isfinite(loss):
+                raise DinodistError(f"group {job.name}: loss is {float(loss)} at iteration {it}")
+            set_hyperparams(optimizer, lr_at(it, job.optim), job.optim.weight_decay)
+            optimizer.zero_grad(set_to_none=True)
+            # x 1.0 (skipped) with even shares; see the module docstring for why uneven ones need it
+            (loss * scale if scale != 1.0 else loss).backward()
+            _clip(student, job.optim.clip_grad)
+            optimizer.step()
+            ema_update(ema, student, job.optim.ema)
+            step = time.perf_counter() - t0
+            terms["loss"] = float(loss.detach())
+            terms = _reduce_rows(terms, ctx, job.global_batch)
+            totals["iterations"] += 1
+            totals["images"] += rows
+            totals["step_seconds"] += step
+            totals["wait_seconds"] += wait
+            group_loss = terms.pop("loss")
+            if writer is not None:
+                line = {"iteration": it, "loss": group_loss, **terms, "step_seconds": step,
+                        "wait_seconds": wait, "images": job.global_batch}
+                writer.write(json.dumps(line) + "\n")
+            ckpt_dir = group_dir / "ckpt" / f"{it + 1:08d}"
+            if job.checkpoint_every and (it + 1) % job.checkpoint_every == 0:
+                save_checkpoint(ckpt_dir, student, ema, optimizer, it + 1, ctx)
+            if report is not None:
+                cmd = report({"iteration": it, "step_seconds": step, "wait_seconds": wait, "images": rows,
+                              "losses": {"total": group_loss, **terms}})
+                if cmd == "checkpoint":
+                    save_checkpoint(ckpt_dir, student, ema, optimizer, it + 1, ctx)
+                elif cmd == "stop":
+                    raise DinodistError(f"group {job.name}: stopped by the orchestrator at iteration {it}")
+    finally:
+        loader.close()
+        if writer is not None:
+            writer.close()
+    export_backbone(ema, job.arch, job.overrides, group_dir / "backbone.pth", ctx)
+    return totals
+
+
+def save_checkpoint(path: Path, student, ema, optimizer, iteration: int, ctx: GroupContext) -> None:
+    """Sharded (DCP) checkpoint of student, EMA and optimizer, written by every rank of the group."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(student, optimizer)
+    state = {"student": model_sd, "ema": ema.state_dict(), "optimizer": optim_sd,
+             "iteration": torch.tensor(iteration)}
+    dcp.save(state, checkpoint_id=str(path), process_group=ctx.group)
+
+
+def export_backbone(ema: torch.nn.Module, arch: str, overrides: dict, path: Path, ctx: GroupContext) -> None:
+    """The EMA backbone as a flat official state dict (all ranks gather, group rank 0 writes)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # no cpu_offload: that option keeps the result on *global* rank 0 only, not the group's first rank
+    full = get_model_state_dict(ema, options=StateDictOptions(full_state_dict=True))
+    if ctx.group_rank != 0:
+        return
+    sd = {k[len("backbone."):]: v.detach().cpu() for k, v in full.items() if k.startswith("backbone.")}
+    backbone = build_backbone(arch, device="meta", **(overrides or {}))
+    load_backbone_state(backbone, sd, source=f"EMA of {arch}")
+    save_backbone(backbone, path)

@@ -1,0 +1,236 @@
+"""Load the frozen teacher: our export with heads, an official backbone, or a random init.
+
+Accepted checkpoints:
+- our export (`dinodist export-teacher`): `{"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}`
+  plus the `OUT.pth.json` sidecar with the arch spec and head specs (the official distillation
+  loader reads the same .pth layout);
+- an official backbone `.pth` (flat state dict, also `{"model": ...}`): `features` targets only,
+  since released weights ship without DINO/iBOT heads;
+- none: random init from the run seed, with a loud warning (demos and tests only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from core.errors import DinodistError
+from core.models import ArchSpec, HeadSpec, build_backbone, build_head, load_backbone_state
+from core.models.arch import get_arch
+from core.targets import FEATURES, HEADS
+
+log = logging.getLogger(__name__)
+
+
+class TeacherModel(nn.Module):
+    """Backbone and (for `heads` targets) the DINO and iBOT heads; frozen, eval mode."""
+
+    def __init__(self, backbone: nn.Module, dino_head: nn.Module | None, ibot_head: nn.Module | None,
+                 kind: str) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dino_head = dino_head
+        self.ibot_head = ibot_head
+        self.kind = kind
+
+    def forward(self, crops: torch.Tensor, masks: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        # Imported here: the computation lives with the target format in teacher/targets.py, and
+        # this module must stay the FSDP root (its forward is what unshards the root parameters).
+        from teacher.targets import target_tensors
+
+        return target_tensors(self.backbone, self.dino_head, self.ibot_head, crops, masks, self.kind)
+
+
+@dataclass
+class LoadedTeacher:
+    model: TeacherModel
+    spec: ArchSpec
+    dino_head: HeadSpec | None
+    ibot_head: HeadSpec | None
+    identity: str  # sha256 of the checkpoint file, or "random-init:<seed>"
+
+    def last_layer_shapes(self) -> dict[str, tuple[int, int]]:
+        if self.model.kind != HEADS:
+            return {}
+        return {
+            "dino_last_layer.weight": (self.dino_head.n_prototypes, self.dino_head.bottleneck_dim),
+            "ibot_last_layer.weight": (self.ibot_head.n_prototypes, self.ibot_head.bottleneck_dim),
+        }
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _head_spec(value, default: HeadSpec, where: str) -> HeadSpec:
+    if value is None:
+        return default
+    if isinstance(value, HeadSpec):
+        return value
+    if hasattr(value, "model_dump"):
+        value = value.model_dump()
+    try:
+        return dataclasses.replace(default, **{k: v for k, v in dict(value).items() if v is not None})
+    except TypeError as exc:
+        raise DinodistError(f"{where}: {exc}") from None
+
+
+def read_sidecar(path: Path) -> dict | None:
+    """The `OUT.pth.json` written next to an export: arch and head specs to rebuild the teacher."""
+    side = path.with_name(path.name + ".json")
+    if not side.is_file():
+        return None
+    try:
+        return json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DinodistError(f"{side}: not valid JSON ({exc})") from None
+
+
+def _spec_from_sidecar(side: dict, spec: ArchSpec, source: Path) -> ArchSpec:
+    """`arch_spec` (all ArchSpec fields, as export-teacher writes) wins over `arch` + `overrides`."""
+    arch = side.get("arch_spec", side.get("arch"))
+    if arch is None:
+        return spec
+    if isinstance(arch, str):
+        return get_arch(arch, **(side.get("overrides") or {}))
+    fields = {f.name for f in dataclasses.fields(ArchSpec)}
+    unknown = sorted(set(arch) - fields)
+    if unknown:
+        raise DinodistError(f"{source}.json: unknown arch field {unknown[0]!r}")
+    return ArchSpec(**arch).validate()
+
+
+def load_teacher(arch: str, overrides: dict | None, checkpoint: str | None, kind: str,
+                 dino_head: HeadSpec, ibot_head: HeadSpec, seed: int = 0) -> LoadedTeacher:
+    """Build and load the frozen teacher (CPU, fp32, eval); the caller moves/shards it."""
+    if kind not in (HEADS, FEATURES):
+        raise DinodistError(f"teacher.targets must be 'heads' or 'features', got {kind!r}")
+    spec = get_arch(arch, **(overrides or {}))
+    with_heads = kind == HEADS
+    if checkpoint is None:
+        log.warning(
+            "\n%s\nWARNING: teacher.checkpoint is not set: the teacher %s is RANDOMLY INITIALISED "
+            "(seed %d).\n"
+            "Its targets carry no knowledge; use this only for demos and tests.\n%s",
+            "!" * 78, spec.name, seed, "!" * 78,
+        )
+        torch.manual_seed(seed)
+        backbone = build_backbone(spec)
+        dh = build_head(spec.embed_dim, dino_head) if with_heads else None
+        ih = build_head(spec.embed_dim, ibot_head) if with_heads else None
+        return _finish(backbone, dh, ih, kind, spec, dino_head, ibot_head, f"random-init:{seed}")
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise DinodistError(f"teacher.checkpoint {path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DinodistError(f"teacher.checkpoint {path}: cannot be read safely (weights_only): {first}") \
+            from None
+    identity = file_sha256(path)
+    if isinstance(obj, dict) and isinstance(obj.get("teacher"), dict):
+        side = read_sidecar(path) or {}
+        spec = _spec_from_sidecar(side, spec, path)
+        dino_head = _head_spec(side.get("dino_head"), dino_head, f"{path}.json dino_head")
+        ibot_head = _head_spec(side.get("ibot_head"), ibot_head, f"{path}.json ibot_head")
+        sd = obj["teacher"]
+        parts = {p: {k[len(p) + 1:]: v for k, v in sd.items() if k.startswith(p + ".")}
+                 for p in ("backbone", "dino_head", "ibot_head")}
+        backbone = build_backbone(spec)
+        load_backbone_state(backbone, parts["backbone"], source=str(path))
+        dh = ih = None
+        if with_heads:
+            dh = _load_head(spec.embed_dim, dino_head, parts["dino_head"], path, "dino_head")
+            ih = _load_head(spec.embed_dim, ibot_head, parts["ibot_head"], path, "ibot_head")
+        return _finish(backbone, dh, ih, kind, spec, dino_head, ibot_head, identity)
+
+    if with_heads:
+        raise DinodistError(
+            f"teacher.checkpoint {path}: a backbone-only checkpoint has no DINO/iBOT heads; "
+            "set teacher.targets: features or export a teacher with heads (dinodist export-teacher)"
+        )
+    backbone = build_backbone(spec)
+    sd = obj.get("model", obj) if isinstance(obj, dict) else obj
+    if not isinstance(sd, dict):
+        raise DinodistError(f"teacher.checkpoint {path}: expected a state dict, found {type(sd).__name__}")
+    load_backbone_state(backbone, sd, source=str(path))
+    return _finish(backbone, None, None, kind, spec, None, None, identity)
+
+
+def _load_head(in_dim: int, spec: HeadSpec, sd: dict, path: Path, name: str) -> nn.Module:
+    if not sd:
+        raise DinodistError(f"teacher.checkpoint {path}: no '{name}.*' keys (needed for heads targets)")
+    head = build_head(in_dim, spec)
+    want = head.state_dict()
+    for k, v in want.items():
+        if k not in sd:
+            raise DinodistError(f"teacher.checkpoint {path}: missing {name}.{k}")
+        if sd[k].shape != v.shape:
+            raise DinodistError(
+                f"teacher.checkpoint {path}: {name}.{k} has shape {list(sd[k].shape)}, "
+                f"expected {list(v.shape)} (check teacher.{name} in the topology or the .json sidecar)"
+            )
+    extra = sorted(set(sd) - set(want))
+    if extra:
+        raise DinodistError(f"teacher.checkpoint {path}: unexpected {name}.{extra[0]}")
+    head.load_state_dict(sd)
+    return head
+
+
+def _finish(backbone, dh, ih, kind, spec, dino_head, ibot_head, identity) -> LoadedTeacher:
+    model = TeacherModel(backbone, dh, ih, kind).eval()
+    model.requires_grad_(False)
+    return LoadedTeacher(model, spec, dino_head if kind == HEADS else None,
+                         ibot_head if kind == HEADS else None, identity)
+
+
+def shard_teacher(model: TeacherModel, mesh, mode: str) -> TeacherModel:
+    """FSDP2 over the teacher group (`fsdp`), or a full copy per rank (`replicate`)."""
+    if mode not in ("fsdp", "replicate"):
+        raise DinodistError(f"teacher.shard must be 'fsdp' or 'replicate', got {mode!r}")
+    if mode == "replicate" or mesh is None:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = None
+    if mesh.device_type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    kwargs = {"mesh": mesh, "reshard_after_forward": True}
+    if mp is not None:
+        kwargs["mp_policy"] = mp
+    for block in model.backbone.blocks:
+        fully_shard(block, **kwargs)
+    for head in (model.dino_head, model.ibot_head):
+        if head is not None:
+            fully_shard(head, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def last_layers(model: TeacherModel) -> dict[str, torch.Tensor]:
+    """The heads' prototype weights as full tensors (a collective over the teacher group if sharded)."""
+    out = {}
+    heads = (("dino_last_layer.weight", model.dino_head), ("ibot_last_layer.weight", model.ibot_head))
+    for name, head in heads:
+        if head is None:
+            continue
+        w = head.last_layer.weight.detach()
+        if hasattr(w, "full_tensor"):
+            w = w.full_tensor()
+        out[name] = w.float()
+    return out

@@ -1,0 +1,238 @@
+"""The loop of one teacher rank: its rows of each global batch -> targets -> isend to student ranks.
+
+Pipelining: the sends of iteration t are left in flight while the teacher computes t+1; at most
+`prefetch_depth` iterations of sends are outstanding, after which the teacher blocks (the time
+it spends blocked is its `wait_seconds`: the students are the bottleneck then). Students post
+their receives one iteration ahead, so teacher compute overlaps student training.
+
+Target store (topology `store:`): every teacher rank also isends its row block to teacher rank 0,
+which joins the blocks into the whole global batch and appends one record per iteration (targets,
+sample ids and seeds) to a `core.target_store.StoreWriter`. Its writes happen on a background
+thread. Rank 0 posts exact-size receives for iteration t (it derives every row's iBOT count from
+the sample ids and seeds) and completes them after computing t+1, so it does not wait for the
+other ranks' forward passes; its only work on the store path is joining blocks and queueing.
+One store then holds whole global batches, so a student added later reads one file set whatever
+the teacher's rank count was. Rank 0 also writes the manifest (what a replay must match) and the
+heads' last layers once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from core.data.augment import CropConfig
+from core.data.loader import BatchLoader
+from core.data.masking import sample_masks
+from core.data.sampler import global_batch
+from core.data.sources import build_source
+from core.errors import DinodistError
+from core.models import HeadSpec
+from core.target_store import StoreWriter, file_sha256
+from core.targets import (
+    HEADS,
+    ExchangePlan,
+    concat,
+    dims_of,
+    ibot_counts,
+    post_recv_block,
+    send_block,
+    send_last_layers,
+    send_targets,
+    wait_block,
+)
+from teacher.model import last_layers, load_teacher, shard_teacher
+from teacher.targets import compute_targets
+
+
+@dataclass
+class TeacherJob:
+    arch: str
+    kind: str
+    source: str
+    crops: CropConfig  # n_local is ignored: the teacher only sees global crops
+    global_batch: int
+    iterations: int
+    out_dir: Path
+    overrides: dict = field(default_factory=dict)
+    checkpoint: str | None = None
+    shard: str = "fsdp"
+    dino_head: HeadSpec | None = None
+    ibot_head: HeadSpec | None = None
+    seed: int = 0
+    mask_prob: float = 0.5
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    prefetch_depth: int = 1
+    store: dict | None = None  # {"path", "dtype", "retain": int | None}: write a target store
+    topology: str = ""  # topology name, recorded in the store manifest
+
+
+# Local-crop settings do not change what the teacher computes (it sees global crops only, and
+# global crops do not depend on them): a student added later may use its own.
+_LOCAL_ONLY_CROP_FIELDS = ("n_local", "local_size", "local_scale", "blur_prob_local")
+
+
+def target_crop_config(crops: CropConfig) -> dict:
+    """The crop settings the targets depend on, as the manifest stores them (JSON types)."""
+    d = dataclasses.asdict(crops)
+    return json.loads(json.dumps({k: v for k, v in d.items() if k not in _LOCAL_ONLY_CROP_FIELDS}))
+
+
+def store_identity(job: TeacherJob) -> str:
+    """`teacher_hash` of the manifest, without loading the teacher: sha256 of its file or its seed."""
+    return file_sha256(job.checkpoint) if job.checkpoint else f"random-init:{job.seed}"
+
+
+def store_manifest(job: TeacherJob, teacher_hash: str, data_fingerprint: str, patch_size: int) -> dict:
+    """What produced the targets. A replay rebuilds this from its topology and must match it
+    (core.target_store.check_compatible), except the fields in `NOT_COMPARED`."""
+    dims = ({"dino_dim": job.dino_head.bottleneck_dim, "ibot_dim": job.ibot_head.bottleneck_dim}
+            if job.kind == HEADS else {})
+    return {
+        "teacher_hash": teacher_hash, "teacher_arch": job.arch, "teacher_overrides": dict(job.overrides),
+        "data_fingerprint": data_fingerprint, "crop_config": target_crop_config(job.crops),
+        "target_kind": job.kind, "topology": job.topology, "global_batch_size": job.global_batch,
+        "seed": job.seed, "mask_probability": job.mask_prob, "mask_ratio": list(job.mask_ratio),
+        "patch_size": patch_size, "target_dims": dims, "iterations": job.iterations,
+    }
+
+
+NOT_COMPARED = ("topology", "iterations")
+
+
+def _open_store(job: TeacherJob, identity: str, fingerprint: str, patch_size: int):
+    teacher_hash = identity if identity.startswith("random-init:") else f"sha256:{identity}"
+    manifest = store_manifest(job, teacher_hash, fingerprint, patch_size)
+    s = job.store
+    return StoreWriter(s["path"], manifest, dtype=s.get("dtype", "bf16"), retain=s.get("retain"))
+
+
+Report = Callable[[dict], "str | None"]
+
+
+def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh, device: torch.device,
+                report: Report | None = None) -> dict:
+    """Serve targets for every iteration; returns this rank's totals (group rank 0 writes files)."""
+    teacher_ranks = exchange.teacher_ranks
+    group_rank = teacher_ranks.index(rank)
+    loaded = load_teacher(job.arch, job.overrides, job.checkpoint, job.kind, job.dino_head, job.ibot_head,
+                          job.seed)
+    model = loaded.model.to(device)
+    shard_teacher(model, mesh if len(teacher_ranks) > 1 else None, job.shard)
+    source = build_source(job.source)
+    root = teacher_ranks[0]
+    store = None
+    if job.store is not None and group_rank == 0:
+        store = _open_store(job, loaded.identity, source.fingerprint(), loaded.spec.patch_size)
+    if job.kind == HEADS:
+        weights = last_layers(model)  # collective over the teacher group when sharded
+        if group_rank == 0:
+            students = [r for ranks in exchange.student_groups.values() for r in ranks]
+            send_last_layers(weights, students, device)
+            if store is not None:
+                store.write_last_layers(weights)
+    start, stop = exchange.teacher_rows(rank)
+    crops = dataclasses.replace(job.crops, n_local=0)
+    loader = BatchLoader(source, crops, job.global_batch, job.seed, slice(start, stop),
+                         loaded.spec.patch_size, mask_prob=job.mask_prob, mask_ratio=job.mask_ratio)
+    num_samples = len(source)
+    grid = (job.crops.global_size // loaded.spec.patch_size,) * 2
+    pending = None  # rank 0 with a store: (its targets of iteration t, the posted receives of t)
+
+    def counts_of(it: int, a: int, b: int) -> torch.Tensor | None:
+        if job.kind != HEADS:
+            return None
+        ids, seeds = global_batch(it, job.global_batch, num_samples, job.seed)
+        return ibot_counts(sample_masks(ids[a:b], seeds[a:b], grid, job.mask_prob, job.mask_ratio))
+
+    out_dir = Path(job.out_dir) / "teacher"
+    in_flight: deque[list] = deque()
+    totals = {"iterations": 0, "teacher_forwards": 0, "target_bytes_sent": 0, "forward_seconds": 0.0,
+              "wait_seconds": 0.0, "step_seconds": 0.0, "store_seconds": 0.0}
+    with contextlib.ExitStack() as stack:
+        stack.callback(loader.close)
+        writer = None
+        if group_rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            writer = stack.enter_context(open(out_dir / "metrics.jsonl", "w", buffering=1))
+        if store is not None:
+            # exits first: marks the store CLOSED on success; on a failure it stays unclosed, so
+            # readers stop at its last complete record as after a crash
+            stack.enter_context(store)
+        for it in range(job.iterations):
+            t0 = time.perf_counter()
+            batch = loader.get(it)
+            targets = compute_targets(model, batch, it, start, job.kind, device)
+            forward = time.perf_counter() - t0
+            works, nbytes = send_targets(exchange, rank, targets, device)
+            ts = time.perf_counter()
+            if job.store is not None and group_rank != 0:
+                works += send_block(targets, root, device)
+            elif store is not None and len(teacher_ranks) == 1:
+                _append_record(store, job, targets, [], num_samples)
+            elif store is not None:
+                if pending is not None:
+                    _append_record(store, job, *pending, num_samples)
+                pending = (targets, [post_recv_block(dims_of(targets), src, it, *exchange.teacher_rows(src),
+                                                     counts_of(it, *exchange.teacher_rows(src)), device)
+                                     for src in teacher_ranks[1:]])
+            store_s = time.perf_counter() - ts
+            in_flight.append(works)
+            tw = time.perf_counter()
+            while len(in_flight) > job.prefetch_depth:
+                for w in in_flight.popleft():
+                    w.wait()
+            wait = time.perf_counter() - tw
+            step = time.perf_counter() - t0
+            totals["iterations"] += 1
+            # one teacher forward per global batch: the group's ranks each run their share of it
+            totals["teacher_forwards"] += 1 if group_rank == 0 else 0
+            totals["target_bytes_sent"] += nbytes
+            totals["forward_seconds"] += forward
+            totals["wait_seconds"] += wait
+            totals["step_seconds"] += step
+            totals["store_seconds"] += store_s
+            if writer is not None:
+                writer.write(json.dumps({"iteration": it, "step_seconds": step, "forward_seconds": forward,
+                                         "wait_seconds": wait, "images": job.global_batch,
+                                         "target_bytes_sent": nbytes, "store_seconds": store_s}) + "\n")
+            if report is not None:
+                cmd = report({"iteration": it, "step_seconds": step, "wait_seconds": wait,
+                              "images": stop - start, "teacher_forwards": 1 if group_rank == 0 else 0,
+                              "target_bytes_sent": nbytes})
+                if cmd == "stop":
+                    raise DinodistError(f"teacher rank {rank}: stopped by the orchestrator at iteration {it}")
+        if pending is not None:
+            _append_record(store, job, *pending, num_samples)
+        while in_flight:
+            for w in in_flight.popleft():
+                w.wait()
+    sent = torch.tensor([totals["target_bytes_sent"]], dtype=torch.float64, device=device)
+    if len(teacher_ranks) > 1:
+        dist.all_reduce(sent, group=group)
+    if group_rank == 0:
+        stats = {**totals, "target_bytes_sent_all_ranks": int(sent.item()), "identity": loaded.identity,
+                 "ranks": len(teacher_ranks)}
+        if store is not None:
+            stats["store"] = {"path": str(store.path), "dtype": store.dtype, **store.stats}
+        (out_dir / "stats.json").write_text(json.dumps(stats, indent=1))
+    return totals
+
+
+def _append_record(store: StoreWriter, job: TeacherJob, targets, pending: list, num_samples: int) -> None:
+    """Teacher rank 0: complete the other teacher ranks' blocks, join them, queue one store record."""
+    it = targets.iteration
+    full = concat([targets] + [wait_block(p) for p in pending])
+    ids, seeds = global_batch(it, job.global_batch, num_samples, job.seed)
+    meta = {"iteration": it, "rows": full.rows, "global_crop_size": job.crops.global_size,
+            "local_crop_size": job.crops.local_size, "n_local": job.crops.n_local}
+    store.append(it, {**full.tensors, "sample_ids": ids, "sample_seeds": seeds}, meta)
