@@ -169,8 +169,10 @@ def _group_line(group: str, states: list[Any]) -> str:
     wait = 100.0 * sum(h.wait_seconds_total for h in reported) / step if step > 0 else 0.0
     newest = max(reported, key=lambda h: h.iteration)
     losses = newest.losses
-    loss = losses.get("loss", losses.get("total", sum(losses.values()) if losses else math.nan))
-    return f"{group:<14} it {iteration:>7}  {spi:7.3f} s/it  wait {wait:5.1f}%  loss {loss:.4f}  {tail}"
+    loss = losses.get("loss", losses.get("total", sum(losses.values()) if losses else None))
+    # The teacher group trains nothing: it has no loss to show.
+    shown = "     -" if loss is None else f"{loss:.4f}"
+    return f"{group:<14} it {iteration:>7}  {spi:7.3f} s/it  wait {wait:5.1f}%  loss {shown}  {tail}"
 
 
 def progress_line(state: Mapping[int, Any]) -> str:
