@@ -84,7 +84,7 @@ def test_even_batches_rule_stays_the_default(capsys):
 
 
 def test_plan_table_and_overrides(capsys):
-    assert main(["plan", str(CONFIGS / "cpu-demo.yaml")]) == 0
+    assert main(["plan", str(CONFIGS / "cpu-demo.yaml"), "--set", "teacher.checkpoint=null"]) == 0
     out = capsys.readouterr().out
     for name in ("teacher", "tiny-vits", "tiny-vitb", "tiny-vitl", "0..1", "wait %"):
         assert name in out
@@ -108,6 +108,7 @@ def test_plan_calibrate_cli(tmp_path, capsys):
 
 
 def test_plan_too_few_devices(capsys):
-    assert main(["plan", str(CONFIGS / "cpu-demo.yaml"), "--devices", "4"]) == 2
+    demo = [str(CONFIGS / "cpu-demo.yaml"), "--set", "teacher.checkpoint=null"]
+    assert main(["plan", *demo, "--devices", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dinodist plan: error: ") and "\n" not in err
