@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from torch import nn
 from core.errors import DinodistError
 from core.models import ArchSpec, HeadSpec, build_backbone, build_head, load_backbone_state
 from core.models.arch import get_arch
+from core.models.io import load_file
 from core.targets import FEATURES, HEADS
 
 log = logging.getLogger(__name__)
@@ -134,14 +134,7 @@ def load_teacher(arch: str, overrides: dict | None, checkpoint: str | None, kind
         return _finish(backbone, dh, ih, kind, spec, dino_head, ibot_head, f"random-init:{seed}")
 
     path = Path(checkpoint)
-    if not path.is_file():
-        raise DinodistError(f"teacher.checkpoint {path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DinodistError(f"teacher.checkpoint {path}: cannot be read safely (weights_only): {first}") \
-            from None
+    obj = load_file(path, "teacher.checkpoint")
     identity = file_sha256(path)
     if isinstance(obj, dict) and isinstance(obj.get("teacher"), dict):
         side = read_sidecar(path) or {}

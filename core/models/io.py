@@ -61,16 +61,20 @@ def _load_failure(e: Exception) -> str:
     return f"cannot be read (corrupt or not a torch checkpoint): {detail}"
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Load a backbone state dict on CPU with weights_only=True, unwrapping "model"/"teacher" layouts."""
+def load_file(path: str | os.PathLike, label: str = "checkpoint") -> object:
+    """torch.load on CPU with weights_only=True; any failure is one line `<label> <path>: why`."""
     path = Path(path)
     if not path.is_file():
-        raise DinodistError(f"checkpoint {path}: no such file")
+        raise DinodistError(f"{label} {path}: no such file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        raise DinodistError(f"checkpoint {path}: {_load_failure(e)}") from e
-    return _unwrap(obj, str(path))
+        raise DinodistError(f"{label} {path}: {_load_failure(e)}") from e
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Load a backbone state dict on CPU with weights_only=True, unwrapping "model"/"teacher" layouts."""
+    return _unwrap(load_file(path), str(path))
 
 
 def _names(keys: list[str]) -> str:
