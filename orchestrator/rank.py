@@ -180,6 +180,15 @@ class ControlThread:
         self._thread.join(timeout=5)
 
 
+def start_control(topo: Topology, rank: int, group: str, role: str, world: dict) -> ControlThread | None:
+    """The rank's control-plane thread when an orchestrator started it ($DINODIST_CONTROL), else None."""
+    addr = os.environ.get(CONTROL_ENV)
+    if not addr:
+        return None
+    secret = os.environ.get(topo.control.secret_env) if topo.control.secret_env else None
+    return ControlThread(addr, rank, group, role, secret, world)
+
+
 def run_rank(topo: Topology, out_dir: Path) -> int:
     plan = make_plan(topo)
     info = init_from_env(topo.resolved_backend(), timeout_s=120)
@@ -191,13 +200,9 @@ def run_rank(topo: Topology, out_dir: Path) -> int:
     gp, pg = plan.groups[idx], pgs[idx]
     mesh = group_mesh(pg, gp.ranks, info.device.type)
     exchange = exchange_plan(plan)
-    control = None
-    addr = os.environ.get(CONTROL_ENV)
-    if addr:
-        secret = os.environ.get(topo.control.secret_env) if topo.control.secret_env else None
-        control = ControlThread(addr, info.rank, gp.name, gp.role, secret,
-                                {"world_size": info.world_size, "group_rank": gp.ranks.index(info.rank),
-                                 "group_size": len(gp.ranks)})
+    control = start_control(topo, info.rank, gp.name, gp.role,
+                            {"world_size": info.world_size, "group_rank": gp.ranks.index(info.rank),
+                             "group_size": len(gp.ranks)})
     report = control.report if control is not None else None
     try:
         if gp.role == "teacher":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import resource
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from core.errors import DinodistError
 from core.target_store import StoreReader, check_compatible
 from core.targets import HEADS, ExchangePlan, StoreStopped, StoreTargetSource
 from orchestrator.distill import launch_and_supervise
-from orchestrator.rank import CONTROL_ENV, ControlThread, student_job, teacher_job
+from orchestrator.rank import start_control, student_job, teacher_job
 from orchestrator.topology import Topology, load_topology, parse_topology
 from students.run import GroupContext, train_student
 from teacher.run import NOT_COMPARED, store_identity, store_manifest
@@ -220,12 +219,8 @@ def run_replay_rank(topo: Topology, out_dir: Path, store: str, name: str | None,
     source = StoreTargetSource(reader, start, stop, job.kind, follow=follow,
                                timeout_s=follow_timeout if follow else None, sampler=sampler)
     newest_at_start = source.newest()
-    control = None
-    addr = os.environ.get(CONTROL_ENV)
-    if addr:
-        secret = os.environ.get(topo.control.secret_env) if topo.control.secret_env else None
-        control = ControlThread(addr, info.rank, name, "student", secret,
-                                {"world_size": n, "group_rank": info.rank, "group_size": n})
+    control = start_control(topo, info.rank, name, "student",
+                            {"world_size": n, "group_rank": info.rank, "group_size": n})
     report = control.report if control is not None else None
     ctx = GroupContext(pg, mesh, info.rank, n, start, stop, info.device)
     record = {"rank": info.rank, "group": name, "role": "student", "replay": str(store), "follow": follow,
