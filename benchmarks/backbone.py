@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.models import build_backbone  # noqa: E402
+from dinodist.core.models import build_backbone  # noqa: E402
 
 
 def _loss(outs: list[dict]) -> torch.Tensor:

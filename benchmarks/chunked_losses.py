@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.losses import (  # noqa: E402
+from dinodist.core.losses import (  # noqa: E402
     dino_loss,
     dino_loss_chunked,
     ibot_loss,

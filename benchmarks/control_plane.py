@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import zmq  # noqa: E402
 
-from core.control.client import ControlClient  # noqa: E402
-from orchestrator.control import ControlServer  # noqa: E402
-from orchestrator.metrics import MetricsExporter  # noqa: E402
+from dinodist.core.control.client import ControlClient  # noqa: E402
+from dinodist.orchestrator.control import ControlServer  # noqa: E402
+from dinodist.orchestrator.metrics import MetricsExporter  # noqa: E402
 
 SECRET = b"benchmark-secret-0123456789abcdef"
 

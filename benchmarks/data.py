@@ -4,7 +4,7 @@ Both paths draw the same parameters and do the same crop+resize; the baseline th
 photometric op and the normalisation on one crop at a time, the batched path on all crops of a size
 at once. Images are decoded before timing (the loader caches them), so this measures augmentation.
 
-    PYTHONPATH=. python benchmarks/data.py [--source skimage] [--batch 8] [--repeats 7]
+    python benchmarks/data.py [--source skimage] [--batch 8] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from core.data.augment import CropConfig, _resize_box, distort, draw_params, make_crops, normalize
-from core.data.sources import build_source
+from dinodist.core.data.augment import CropConfig, _resize_box, distort, draw_params, make_crops, normalize
+from dinodist.core.data.sources import build_source
 
 
 def per_crop_loop(images, ids, seeds, cfg: CropConfig) -> dict[str, torch.Tensor]:

@@ -15,8 +15,8 @@ import random
 import time
 from pathlib import Path
 
-from orchestrator.allocate import candidate_counts, group_seconds, hand_out_spares, make_plan, solve
-from orchestrator.topology import load_topology
+from dinodist.orchestrator.allocate import candidate_counts, group_seconds, hand_out_spares, make_plan, solve
+from dinodist.orchestrator.topology import load_topology
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "topologies" / "dinov3-paper.yaml"
 

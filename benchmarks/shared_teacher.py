@@ -52,11 +52,10 @@ def topology(path: Path, students: list[str], iterations: int, batch: int, depth
 def run_distill(topo: Path, out: Path) -> dict:
     """One `dinodist distill` run; returns wall and CPU seconds of the whole process tree."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "distill", str(topo), "--out", str(out),
-                           "--metrics-port", "0"], cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "dinodist.orchestrator.cli", "distill", str(topo),
+                           "--out", str(out), "--metrics-port", "0"], cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
@@ -77,7 +76,7 @@ def metrics(out: Path, group: str) -> list[dict]:
 
 def paper_bytes() -> dict[str, float]:
     """Bytes received per image by one student group at paper scale (7B heads, 256/112 crops)."""
-    from core.models.arch import PAPER_DINO_HEAD, PAPER_IBOT_HEAD
+    from dinodist.core.models.arch import PAPER_DINO_HEAD, PAPER_IBOT_HEAD
 
     p = (256 // 16) ** 2
     masked = 0.5 * 0.3 * 2 * p  # half the crops masked, mean ratio 0.3 -> masked patches per image
@@ -129,7 +128,7 @@ def main() -> None:
         sent = shared["summary"]["target_bytes_sent"]
         images = args.iterations * args.batch
         per_group = sent / images / k
-        from core.models.arch import TINY_DINO_HEAD, TINY_IBOT_HEAD
+        from dinodist.core.models.arch import TINY_DINO_HEAD, TINY_IBOT_HEAD
 
         p = (64 // 8) ** 2
         official_cpu = (2 * 3 * 64 * 64 + 4 * 3 * 32 * 32) * 4 + (2 * p * TINY_IBOT_HEAD.bottleneck_dim

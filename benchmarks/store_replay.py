@@ -53,10 +53,9 @@ def topology(path: Path, store: Path | None, iterations: int, batch: int, crop: 
 
 def run(cmd: list[str]) -> float:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *cmd, "--metrics-port", "0"], cwd=REPO,
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "dinodist.orchestrator.cli", *cmd, "--metrics-port", "0"],
+                          cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(proc.stdout[-2000:] + proc.stderr[-2000:])
     return time.perf_counter() - t0

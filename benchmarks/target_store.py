@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.losses import dino_loss, ibot_loss, sinkhorn_knopp  # noqa: E402
-from core.target_store import StoreReader, StoreWriter, bytes_per_image, bytes_per_million_iterations  # noqa: E402
+from dinodist.core.losses import dino_loss, ibot_loss, sinkhorn_knopp  # noqa: E402
+from dinodist.core.target_store import StoreReader, StoreWriter, bytes_per_image, bytes_per_million_iterations  # noqa: E402
 
 DTYPES = ("fp32", "bf16", "int8")
 DB, DI, P = 512, 384, 256

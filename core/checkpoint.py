@@ -23,7 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from core.errors import DinodistError
+from dinodist.core.errors import DinodistError
 
 _META = "meta.json"
 

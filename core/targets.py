@@ -31,7 +31,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from core.errors import DinodistError
+from dinodist.core.errors import DinodistError
 
 HEADS = "heads"
 FEATURES = "features"

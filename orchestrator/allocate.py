@@ -30,8 +30,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import asdict, dataclass, field
 
-from core.errors import DinodistError
-from orchestrator.cost import (
+from dinodist.core.errors import DinodistError
+from dinodist.orchestrator.cost import (
     GIB,
     DeviceProfile,
     GroupCost,
@@ -40,7 +40,7 @@ from orchestrator.cost import (
     largest_share,
     memory_per_rank,
 )
-from orchestrator.topology import Topology
+from dinodist.orchestrator.topology import Topology
 
 
 def rank_rows(global_batch: int, group_size: int, rank: int) -> slice:
@@ -54,7 +54,7 @@ def rank_rows(global_batch: int, group_size: int, rank: int) -> slice:
     The rule itself lives in `core.targets.rank_rows`, which the teacher and student ranks use:
     the plan and the runtime cannot drift apart.
     """
-    from core.targets import rank_rows as runtime_rank_rows
+    from dinodist.core.targets import rank_rows as runtime_rank_rows
 
     return runtime_rank_rows(global_batch, group_size, rank)
 

@@ -11,8 +11,8 @@ import importlib
 import pkgutil
 import sys
 
-from core.errors import DinodistError
-from orchestrator import commands
+from dinodist.core.errors import DinodistError
+from dinodist.orchestrator import commands
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,8 +28,8 @@ from typing import Any, Literal, Protocol
 import zmq
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.control import messages as m
-from core.errors import DinodistError
+from dinodist.core.control import messages as m
+from dinodist.core.errors import DinodistError
 
 log = logging.getLogger("dinodist.control")
 

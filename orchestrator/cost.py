@@ -41,9 +41,9 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from core.errors import DinodistError
-from core.losses.chunked import loss_activation_bytes
-from core.models.arch import (
+from dinodist.core.errors import DinodistError
+from dinodist.core.losses.chunked import loss_activation_bytes
+from dinodist.core.models.arch import (
     ArchSpec,
     HeadSpec,
     forward_flops,
@@ -52,7 +52,7 @@ from core.models.arch import (
     num_parameters,
     num_tokens,
 )
-from orchestrator.topology import Topology
+from dinodist.orchestrator.topology import Topology
 
 GIB = 1024**3
 
@@ -412,10 +412,10 @@ def official_colocated(topo: Topology, split: dict[str, int]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from orchestrator.allocate import make_plan, plan_table  # allocate imports this module
-    from orchestrator.topology import parse_topology
+    from dinodist.orchestrator.allocate import make_plan, plan_table  # allocate imports this module
+    from dinodist.orchestrator.topology import parse_topology
 
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.cost", description=(
+    parser = argparse.ArgumentParser(prog="python -m dinodist.orchestrator.cost", description=(
         "Cost-model comparisons. --official: the released colocated multidistillation "
         "(7B teacher on all 296 ranks, students 48/48/80/120) vs. dinodist's matched groups "
         "on the same workload and device count."))

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import yaml
 
-from core.errors import DinodistError
-from orchestrator.allocate import Plan, make_plan
-from orchestrator.control import server_from_config, supervise
-from orchestrator.launch import launch_ranks
-from orchestrator.metrics import MetricsExporter, progress_line
-from orchestrator.topology import Topology, load_topology
+from dinodist.core.errors import DinodistError
+from dinodist.orchestrator.allocate import Plan, make_plan
+from dinodist.orchestrator.control import server_from_config, supervise
+from dinodist.orchestrator.launch import launch_ranks
+from dinodist.orchestrator.metrics import MetricsExporter, progress_line
+from dinodist.orchestrator.topology import Topology, load_topology
 
 log = logging.getLogger("dinodist.distill")
 

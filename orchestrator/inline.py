@@ -6,7 +6,7 @@ topology so both runs use the same recipe, and trains through the same `train_st
 with an `InlineTargetSource`. The process forms a one-rank gloo world so the student is sharded
 (trivially) by FSDP2 exactly as in a topology.
 
-    python -m orchestrator.inline TOPOLOGY --student NAME [--out DIR] [--iterations N]
+    python -m dinodist.orchestrator.inline TOPOLOGY --student NAME [--out DIR] [--iterations N]
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from core.data.loader import BatchLoader
-from core.data.sources import build_source
-from core.distributed import free_port, group_mesh
-from core.errors import DinodistError
-from core.targets import InlineTargetSource
-from orchestrator.rank import student_job, teacher_job
-from orchestrator.topology import load_topology
-from students.run import GroupContext, train_student
-from teacher.model import last_layers, load_teacher
-from teacher.targets import compute_targets
+from dinodist.core.data.loader import BatchLoader
+from dinodist.core.data.sources import build_source
+from dinodist.core.distributed import free_port, group_mesh
+from dinodist.core.errors import DinodistError
+from dinodist.core.targets import InlineTargetSource
+from dinodist.orchestrator.rank import student_job, teacher_job
+from dinodist.orchestrator.topology import load_topology
+from dinodist.students.run import GroupContext, train_student
+from dinodist.teacher.model import last_layers, load_teacher
+from dinodist.teacher.targets import compute_targets
 
 
 def run_inline(topology: str | Path, student: str, out: str | Path | None = None,
@@ -69,7 +69,7 @@ def run_inline(topology: str | Path, student: str, out: str | Path | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.inline",
+    parser = argparse.ArgumentParser(prog="python -m dinodist.orchestrator.inline",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("topology")
     parser.add_argument("--student", required=True, help="name of the student in the topology")

@@ -1,6 +1,6 @@
 """Start the local rank processes of a run and watch them.
 
-Each rank is `python -m orchestrator.rank ARGS` with torchrun-style env:// variables, so the
+Each rank is `python -m dinodist.orchestrator.rank ARGS` with torchrun-style env:// variables, so the
 same entry point runs under an external torchrun (see `dinodist deploy`). A rank that exits
 non-zero takes the job down: the orchestrator asks the launcher to stop the rest, which sends
 SIGTERM and, after a grace period, SIGKILL to each rank's process group.
@@ -17,9 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.distributed import free_port
+from dinodist.core.distributed import free_port
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CONTROL_ENV = "DINODIST_CONTROL"
 
 
@@ -109,7 +108,6 @@ def rank_env(rank: int, world_size: int, master_port: int, control_addr: str | N
     )
     # ranks share a few cores: one intra-op thread each unless the user says otherwise
     env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     if control_addr:
         env[CONTROL_ENV] = control_addr
     if extra:
@@ -118,7 +116,7 @@ def rank_env(rank: int, world_size: int, master_port: int, control_addr: str | N
 
 
 def launch_ranks(world_size: int, args: Sequence[str], log_dir: str | Path, control_addr: str | None = None,
-                 extra_env: Mapping[str, str] | None = None, module: str = "orchestrator.rank") -> Launcher:
+                 extra_env: Mapping[str, str] | None = None, module: str = "dinodist.orchestrator.rank") -> Launcher:
     """Start `world_size` ranks of `python -m MODULE ARGS`, logs in `log_dir/rank-<r>.log`."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Launch files generated from a topology's plan: per-node torchrun scripts, an sbatch script, and
 Kubernetes manifests (Kubeflow Trainer v2 TrainJob, or the older PyTorchJob).
 
-Every launcher starts the same program on every rank, `python -m orchestrator.rank TOPOLOGY`,
+Every launcher starts the same program on every rank, `python -m dinodist.orchestrator.rank TOPOLOGY`,
 under torchrun (c10d rendezvous, env:// variables). The rank reads the topology, recomputes the
 plan (it is deterministic) and finds its group from its global rank: teacher ranks first, then the
 students in listed order. Node 0 hosts the rendezvous and the control plane (zmq ROUTER at
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from core.errors import DinodistError
-from orchestrator.allocate import Plan
-from orchestrator.topology import Topology
+from dinodist.core.errors import DinodistError
+from dinodist.orchestrator.allocate import Plan
+from dinodist.orchestrator.topology import Topology
 
 CONTROL_ENV = "DINODIST_CONTROL"  # the address ranks dial, as orchestrator.launch sets it locally
 DEFAULT_CONTROL_PORT = 29600  # used when the topology leaves control.port at 0 (ephemeral)
@@ -80,7 +80,7 @@ def torchrun_argv(spec: LaunchSpec, nproc: str, head: str) -> list[str]:
         f"--rdzv-endpoint={head}:{RDZV_PORT}",
         f"--rdzv-id={spec.job}",
         f"--max-restarts={spec.max_restarts}",
-        "-m", "orchestrator.rank", spec.topology_path,
+        "-m", "dinodist.orchestrator.rank", spec.topology_path,
     ]
 
 
@@ -215,7 +215,7 @@ def k8s_manifests(spec: LaunchSpec, kind: str = "trainjob") -> str:
     }
     volume = {"name": "topology", "configMap": {"name": f"{spec.job}-topology"}}
     mount = {"name": "topology", "mountPath": str(Path(TOPOLOGY_MOUNT).parent), "readOnly": True}
-    command = ["torchrun", f"--max-restarts={spec.max_restarts}", "-m", "orchestrator.rank", TOPOLOGY_MOUNT]
+    command = ["torchrun", f"--max-restarts={spec.max_restarts}", "-m", "dinodist.orchestrator.rank", TOPOLOGY_MOUNT]
     annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(spec.topology.metrics.port)}
     if kind == "trainjob":
         job = {

@@ -16,8 +16,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from core.control import messages as m
-from core.errors import DinodistError
+from dinodist.core.control import messages as m
+from dinodist.core.errors import DinodistError
 
 # From tiny CPU runs (~0.05 s/it) to the paper's 7B teacher over many GPUs (tens of seconds).
 ITERATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, math.inf)

@@ -1,4 +1,4 @@
-"""Entry point of one rank: `python -m orchestrator.rank TOPOLOGY [--out DIR] [--iterations N]`.
+"""Entry point of one rank: `python -m dinodist.orchestrator.rank TOPOLOGY [--out DIR] [--iterations N]`.
 
 Run by `dinodist distill` (orchestrator/launch.py) and by the files `dinodist deploy` writes for
 an external torchrun: both set the env:// variables. The rank reads the topology, makes the same
@@ -23,16 +23,23 @@ from pathlib import Path
 
 import torch
 
-from core.data.augment import CropConfig
-from core.distributed import destroy, group_mesh, init_from_env, make_subgroups
-from core.errors import DinodistError
-from core.targets import HEADS, ExchangePlan, P2PTargetSource, TargetDims, ibot_counts, recv_last_layers
-from orchestrator.allocate import Plan, make_plan
-from orchestrator.topology import Topology, load_topology
-from students.loss import LossConfig
-from students.model import StudentOptim
-from students.run import GroupContext, StudentJob, train_student
-from teacher.run import TeacherJob, run_teacher
+from dinodist.core.data.augment import CropConfig
+from dinodist.core.distributed import destroy, group_mesh, init_from_env, make_subgroups
+from dinodist.core.errors import DinodistError
+from dinodist.core.targets import (
+    HEADS,
+    ExchangePlan,
+    P2PTargetSource,
+    TargetDims,
+    ibot_counts,
+    recv_last_layers,
+)
+from dinodist.orchestrator.allocate import Plan, make_plan
+from dinodist.orchestrator.topology import Topology, load_topology
+from dinodist.students.loss import LossConfig
+from dinodist.students.model import StudentOptim
+from dinodist.students.run import GroupContext, StudentJob, train_student
+from dinodist.teacher.run import TeacherJob, run_teacher
 
 CONTROL_ENV = "DINODIST_CONTROL"
 log = logging.getLogger("dinodist.rank")
@@ -101,9 +108,9 @@ def last_layer_shapes(topo: Topology) -> dict[str, tuple[int, int]]:
 
 def mask_counts_fn(topo: Topology, start: int, stop: int):
     """iBOT counts [r, 2] of rows [start, stop) of any iteration, from (sample id, seed) alone."""
-    from core.data.masking import sample_masks
-    from core.data.sampler import global_batch
-    from core.data.sources import build_source
+    from dinodist.core.data.masking import sample_masks
+    from dinodist.core.data.sampler import global_batch
+    from dinodist.core.data.sources import build_source
 
     n = len(build_source(topo.data.source))
     grid = topo.data.global_crop_size // topo.teacher_spec().patch_size
@@ -143,7 +150,7 @@ class ControlThread:
         self._thread.start()
 
     def _loop(self) -> None:
-        from core.control.client import ControlClient
+        from dinodist.core.control.client import ControlClient
 
         addr, rank, group, role, secret, register_kw = self._args
         client = ControlClient(addr, rank, group, role=role, secret=secret, heartbeat_interval_s=0.5)
@@ -237,7 +244,7 @@ def run_rank(topo: Topology, out_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.rank",
+    parser = argparse.ArgumentParser(prog="python -m dinodist.orchestrator.rank",
                                      description="One rank of a dinodist distillation (env:// variables).")
     parser.add_argument("topology", help="topology YAML")
     parser.add_argument("--out", help="output folder (default: the topology's output)")
@@ -257,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         topo = load_topology(args.topology, overrides)
         out = Path(args.out) if args.out else Path(topo.output)
         if args.replay:
-            from orchestrator.replay import run_replay_rank
+            from dinodist.orchestrator.replay import run_replay_rank
 
             return run_replay_rank(topo, out, args.replay, args.student, args.follow, args.follow_timeout)
         return run_rank(topo, out)

@@ -22,17 +22,17 @@ import resource
 import time
 from pathlib import Path
 
-from core.data.sampler import global_batch
-from core.data.sources import build_source
-from core.distributed import destroy, group_mesh, init_from_env, make_subgroups
-from core.errors import DinodistError
-from core.target_store import StoreReader, check_compatible
-from core.targets import HEADS, ExchangePlan, StoreStopped, StoreTargetSource
-from orchestrator.distill import launch_and_supervise
-from orchestrator.rank import start_control, student_job, teacher_job
-from orchestrator.topology import Topology, load_topology, parse_topology
-from students.run import GroupContext, train_student
-from teacher.run import NOT_COMPARED, store_identity, store_manifest
+from dinodist.core.data.sampler import global_batch
+from dinodist.core.data.sources import build_source
+from dinodist.core.distributed import destroy, group_mesh, init_from_env, make_subgroups
+from dinodist.core.errors import DinodistError
+from dinodist.core.target_store import StoreReader, check_compatible
+from dinodist.core.targets import HEADS, ExchangePlan, StoreStopped, StoreTargetSource
+from dinodist.orchestrator.distill import launch_and_supervise
+from dinodist.orchestrator.rank import start_control, student_job, teacher_job
+from dinodist.orchestrator.topology import Topology, load_topology, parse_topology
+from dinodist.students.run import GroupContext, train_student
+from dinodist.teacher.run import NOT_COMPARED, store_identity, store_manifest
 
 log = logging.getLogger("dinodist.replay")
 
@@ -192,7 +192,7 @@ def summarize_replay(out_dir: Path, student: str, store: Path, follow: bool, err
 
 def run_replay_rank(topo: Topology, out_dir: Path, store: str, name: str | None, follow: bool,
                     follow_timeout: float) -> int:
-    """One rank of the new group (`python -m orchestrator.rank ... --replay STORE --student NAME`)."""
+    """One rank of the new group (`python -m dinodist.orchestrator.rank ... --replay STORE --student NAME`)."""
     if not name:
         raise DinodistError("--replay needs --student NAME")
     group_spec = topo.student(name)

@@ -18,8 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from core.errors import DinodistError
-from core.models.arch import (
+from dinodist.core.errors import DinodistError
+from dinodist.core.models.arch import (
     PAPER_DINO_HEAD,
     PAPER_IBOT_HEAD,
     PRESETS,
@@ -359,7 +359,7 @@ def _apply_override(raw: dict, key: str, value: Any) -> None:
 
 def discover_device() -> str:
     """`cluster.device: auto`: the GPU kind NVML reports on this machine, `cpu` without NVML or GPUs."""
-    from orchestrator.gpu import discover  # NVML is only touched when a topology asks for it
+    from dinodist.orchestrator.gpu import discover  # NVML is only touched when a topology asks for it
 
     gpus = discover()
     if not gpus:

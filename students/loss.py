@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.errors import DinodistError
-from core.losses import (
+from dinodist.core.errors import DinodistError
+from dinodist.core.losses import (
     dino_loss,
     dino_loss_chunked,
     ibot_loss,
@@ -38,8 +38,8 @@ from core.losses import (
     sinkhorn_knopp,
     sinkhorn_knopp_chunked,
 )
-from core.losses.chunked import DEFAULT_CHUNK_ROWS
-from core.targets import HEADS
+from dinodist.core.losses.chunked import DEFAULT_CHUNK_ROWS
+from dinodist.core.targets import HEADS
 
 N_GLOBAL = 2
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from core.errors import DinodistError
-from core.models import HeadSpec, build_backbone, build_head
-from core.targets import HEADS
+from dinodist.core.errors import DinodistError
+from dinodist.core.models import HeadSpec, build_backbone, build_head
+from dinodist.core.targets import HEADS
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def ema_update(ema: nn.Module, student: nn.Module, momentum: float) -> None:
 def build_optimizer(student: Student, depth: int, cfg: StudentOptim) -> torch.optim.AdamW:
     """AdamW with the official param groups (layer-wise decay, patch-embed x0.2, no wd on norms/biases)."""
     try:
-        from core.ssl.optim import param_groups
+        from dinodist.core.ssl.optim import param_groups
     except ImportError:  # the SSL package is optional for distillation-only installs
         param_groups = None
     if param_groups is not None:

@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from core.data.augment import CropConfig
-from core.data.loader import BatchLoader
-from core.data.sources import build_source
-from core.errors import DinodistError
-from core.models import HeadSpec, build_backbone, load_backbone_state, save_backbone
-from core.targets import HEADS, TargetSource, crop_major, loss_scale, masks_from_collated, rank_rows
-from students.loss import LossConfig, attach_chunked_losses, chunked_heads_loss, distill_loss
-from students.model import (
+from dinodist.core.data.augment import CropConfig
+from dinodist.core.data.loader import BatchLoader
+from dinodist.core.data.sources import build_source
+from dinodist.core.errors import DinodistError
+from dinodist.core.models import HeadSpec, build_backbone, load_backbone_state, save_backbone
+from dinodist.core.targets import HEADS, TargetSource, crop_major, loss_scale, masks_from_collated, rank_rows
+from dinodist.students.loss import LossConfig, attach_chunked_losses, chunked_heads_loss, distill_loss
+from dinodist.students.model import (
     StudentOptim,
     build_optimizer,
     build_student,

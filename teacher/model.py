@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.errors import DinodistError
-from core.models import ArchSpec, HeadSpec, build_backbone, build_head, load_backbone_state
-from core.models.arch import get_arch
-from core.models.io import load_file
-from core.targets import FEATURES, HEADS
+from dinodist.core.errors import DinodistError
+from dinodist.core.models import ArchSpec, HeadSpec, build_backbone, build_head, load_backbone_state
+from dinodist.core.models.arch import get_arch
+from dinodist.core.models.io import load_file
+from dinodist.core.targets import FEATURES, HEADS
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class TeacherModel(nn.Module):
     def forward(self, crops: torch.Tensor, masks: torch.Tensor | None) -> dict[str, torch.Tensor]:
         # Imported here: the computation lives with the target format in teacher/targets.py, and
         # this module must stay the FSDP root (its forward is what unshards the root parameters).
-        from teacher.targets import target_tensors
+        from dinodist.teacher.targets import target_tensors
 
         return target_tensors(self.backbone, self.dino_head, self.ibot_head, crops, masks, self.kind)
 

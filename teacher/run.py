@@ -30,15 +30,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from core.data.augment import CropConfig
-from core.data.loader import BatchLoader
-from core.data.masking import sample_masks
-from core.data.sampler import global_batch
-from core.data.sources import build_source
-from core.errors import DinodistError
-from core.models import HeadSpec
-from core.target_store import StoreWriter, file_sha256
-from core.targets import (
+from dinodist.core.data.augment import CropConfig
+from dinodist.core.data.loader import BatchLoader
+from dinodist.core.data.masking import sample_masks
+from dinodist.core.data.sampler import global_batch
+from dinodist.core.data.sources import build_source
+from dinodist.core.errors import DinodistError
+from dinodist.core.models import HeadSpec
+from dinodist.core.target_store import StoreWriter, file_sha256
+from dinodist.core.targets import (
     HEADS,
     ExchangePlan,
     concat,
@@ -50,8 +50,8 @@ from core.targets import (
     send_targets,
     wait_block,
 )
-from teacher.model import last_layers, load_teacher, shard_teacher
-from teacher.targets import compute_targets
+from dinodist.teacher.model import last_layers, load_teacher, shard_teacher
+from dinodist.teacher.targets import compute_targets
 
 
 @dataclass

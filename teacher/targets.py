@@ -13,7 +13,7 @@ import contextlib
 import torch
 from torch import nn
 
-from core.targets import FEATURES, HEADS, Targets, ibot_counts, masks_from_collated
+from dinodist.core.targets import FEATURES, HEADS, Targets, ibot_counts, masks_from_collated
 
 
 def target_tensors(backbone: nn.Module, dino_head: nn.Module | None, ibot_head: nn.Module | None,

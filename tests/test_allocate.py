@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from core.errors import DinodistError
-from orchestrator.allocate import (
+from dinodist.core.errors import DinodistError
+from dinodist.orchestrator.allocate import (
     allowed_devices,
     candidate_counts,
     group_seconds,
@@ -19,7 +19,7 @@ from orchestrator.allocate import (
     rank_rows,
     solve,
 )
-from orchestrator.cost import (
+from dinodist.orchestrator.cost import (
     GIB,
     calibrate,
     device_profile,
@@ -31,8 +31,8 @@ from orchestrator.cost import (
     student_flops_per_image,
     teacher_flops_per_image,
 )
-from orchestrator.cost import main as cost_main
-from orchestrator.topology import load_topology, parse_topology
+from dinodist.orchestrator.cost import main as cost_main
+from dinodist.orchestrator.topology import load_topology, parse_topology
 
 # cpu-demo.yaml names the teacher the README command makes first; tests run without it.
 NO_TEACHER = {"teacher.checkpoint": None}

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import DinodistError
-from core.models.arch import (
+from dinodist.core.errors import DinodistError
+from dinodist.core.models.arch import (
     ARCHS,
     PAPER_DINO_HEAD,
     PAPER_IBOT_HEAD,

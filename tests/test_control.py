@@ -15,10 +15,10 @@ import msgpack
 import pytest
 import zmq
 
-from core.control import messages as m
-from core.control.client import ControlClient
-from core.errors import DinodistError
-from orchestrator.control import ControlServer, server_from_config, supervise
+from dinodist.core.control import messages as m
+from dinodist.core.control.client import ControlClient
+from dinodist.core.errors import DinodistError
+from dinodist.orchestrator.control import ControlServer, server_from_config, supervise
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parent.parent
@@ -315,7 +315,7 @@ def test_failure_policy_and_config(monkeypatch):
 
 CHILD = """
 import os, sys, time
-from core.control.client import ControlClient
+from dinodist.core.control.client import ControlClient
 addr, rank, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 c = ControlClient(addr, rank, "vits" if rank == 0 else "vitb", heartbeat_interval_s=0.05)
 c.register()
@@ -335,7 +335,7 @@ for it in range(100000):
 
 
 def _spawn(address: str, rank: int, mode: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = dict(os.environ)
     return subprocess.Popen([sys.executable, "-c", CHILD, address, str(rank), mode], env=env)
 
 

@@ -9,11 +9,19 @@ import pytest
 import torch
 from PIL import Image
 
-from core.data import BatchLoader, CropConfig, build_source, collate, global_batch, make_crops, sample_masks
-from core.data.augment import _gaussian_blur, _hsv_to_rgb, _rgb_to_hsv, distort, draw_params
-from core.data.masking import block_mask
-from core.errors import DinodistError
-from core.losses import ibot_loss
+from dinodist.core.data import (
+    BatchLoader,
+    CropConfig,
+    build_source,
+    collate,
+    global_batch,
+    make_crops,
+    sample_masks,
+)
+from dinodist.core.data.augment import _gaussian_blur, _hsv_to_rgb, _rgb_to_hsv, distort, draw_params
+from dinodist.core.data.masking import block_mask
+from dinodist.core.errors import DinodistError
+from dinodist.core.losses import ibot_loss
 
 TINY = CropConfig(global_size=32, local_size=16, n_local=3)
 

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.errors import DinodistError
-from orchestrator.allocate import make_plan
-from orchestrator.cli import main
-from orchestrator.launchfiles import LaunchSpec, k8s_manifests, sbatch_script, torchrun_scripts
-from orchestrator.topology import load_topology
+from dinodist.core.errors import DinodistError
+from dinodist.orchestrator.allocate import make_plan
+from dinodist.orchestrator.cli import main
+from dinodist.orchestrator.launchfiles import LaunchSpec, k8s_manifests, sbatch_script, torchrun_scripts
+from dinodist.orchestrator.topology import load_topology
 
 # cpu-demo.yaml names the teacher the README command makes first; tests run without it.
 NO_TEACHER = {"teacher.checkpoint": None}
@@ -40,7 +40,7 @@ def test_torchrun_scripts_cover_every_rank(tmp_path):
         (nproc,) = re.findall(r"--nproc-per-node=(\d+)", text)
         total += int(nproc)
         assert f"--nnodes={spec.plan.nodes}" in text and "--rdzv-backend=c10d" in text
-        assert "--max-restarts=3" in text and "-m orchestrator.rank" in text
+        assert "--max-restarts=3" in text and "-m dinodist.orchestrator.rank" in text
     assert total == spec.plan.used_devices
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from core.models.io import load_backbone
+from dinodist.core.models.io import load_backbone
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,13 +47,12 @@ def write_topology(path: Path, *, teacher_devices: int, shard: str, students: li
 
 
 def distill_cmd(topology: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", "distill", str(topology), "--out", str(out),
+    return [sys.executable, "-m", "dinodist.orchestrator.cli", "distill", str(topology), "--out", str(out),
             "--metrics-port", "0", *extra]
 
 
 def env() -> dict:
     e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), e.get("PYTHONPATH", "")) if p)
     e["OMP_NUM_THREADS"] = "1"
     return e
 
@@ -174,7 +173,7 @@ def alive(pid: int) -> bool:
 
 
 def test_distill_cli_errors_are_one_line(tmp_path, capsys):
-    from orchestrator.cli import main
+    from dinodist.orchestrator.cli import main
 
     assert main(["distill", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -187,8 +186,8 @@ def test_distill_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def _tiny_teacher(tmp_path: Path):
-    from core.models import build_backbone, build_head
-    from core.models.arch import TINY_DINO_HEAD, TINY_IBOT_HEAD
+    from dinodist.core.models import build_backbone, build_head
+    from dinodist.core.models.arch import TINY_DINO_HEAD, TINY_IBOT_HEAD
 
     torch.manual_seed(11)
     backbone = build_backbone("tiny-vit7b", depth=1)
@@ -202,9 +201,9 @@ def _tiny_teacher(tmp_path: Path):
 
 
 def test_teacher_export_loads_and_computes_the_same_targets(tmp_path):
-    from core.models.arch import TINY_DINO_HEAD, TINY_IBOT_HEAD, arch_dict, get_arch
-    from teacher.model import load_teacher
-    from teacher.targets import target_tensors
+    from dinodist.core.models.arch import TINY_DINO_HEAD, TINY_IBOT_HEAD, arch_dict, get_arch
+    from dinodist.teacher.model import load_teacher
+    from dinodist.teacher.targets import target_tensors
 
     path, backbone, dino, ibot = _tiny_teacher(tmp_path)
     # the sidecar carries the real arch (depth 1), although the topology says the preset
@@ -229,10 +228,10 @@ def test_teacher_export_loads_and_computes_the_same_targets(tmp_path):
 
 
 def test_teacher_checkpoint_errors(tmp_path):
-    from core.errors import DinodistError
-    from core.models import save_backbone
-    from core.models.arch import TINY_DINO_HEAD, TINY_IBOT_HEAD
-    from teacher.model import load_teacher
+    from dinodist.core.errors import DinodistError
+    from dinodist.core.models import save_backbone
+    from dinodist.core.models.arch import TINY_DINO_HEAD, TINY_IBOT_HEAD
+    from dinodist.teacher.model import load_teacher
 
     _, backbone, _, _ = _tiny_teacher(tmp_path)
     flat = tmp_path / "backbone.pth"
@@ -251,8 +250,8 @@ def test_teacher_checkpoint_errors(tmp_path):
 
 
 def test_student_loss_composition_and_features_path():
-    from core.losses import dino_loss
-    from students.loss import LossConfig, dino_scales, features_loss, heads_loss, teacher_probs
+    from dinodist.core.losses import dino_loss
+    from dinodist.students.loss import LossConfig, dino_scales, features_loss, heads_loss, teacher_probs
 
     assert dino_scales(8) == (2 / 18, 16 / 18) and dino_scales(0) == (1.0, 0.0)
     torch.manual_seed(0)

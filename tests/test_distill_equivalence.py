@@ -42,14 +42,13 @@ def topology(path: Path, teacher_devices: int, shard: str, students: list[str]) 
 
 def run(cmd: list[str]) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def _inline(topology_path: str, out: str) -> None:
     torch.set_num_threads(1)
-    from orchestrator.inline import main
+    from dinodist.orchestrator.inline import main
 
     os._exit(main([topology_path, "--student", "tiny-vits", "--out", out]))
 
@@ -62,10 +61,10 @@ def trajectory(path: Path) -> list[dict]:
 def test_student_trajectory_same_with_others_alone_and_inline(tmp_path):
     crowd = topology(tmp_path / "crowd.yaml", 2, "fsdp", ["tiny-vits", "tiny-vitb"])
     alone = topology(tmp_path / "alone.yaml", 1, "replicate", ["tiny-vits"])
-    cli = [sys.executable, "-m", "orchestrator.cli", "distill"]
+    cli = [sys.executable, "-m", "dinodist.orchestrator.cli", "distill"]
     run([*cli, str(crowd), "--out", str(tmp_path / "a"), "--metrics-port", "0"])
     run([*cli, str(alone), "--out", str(tmp_path / "b"), "--metrics-port", "0"])
-    # the inline run in a forked child: same code as `python -m orchestrator.inline`, no re-import
+    # the inline run in a forked child: same code as `python -m dinodist.orchestrator.inline`, no re-import
     child = mp.get_context("fork").Process(target=_inline, args=(str(alone), str(tmp_path / "c")))
     child.start()
     child.join(150)
@@ -86,7 +85,7 @@ def test_student_trajectory_same_with_others_alone_and_inline(tmp_path):
     # one teacher forward per iteration in the crowd, though two students learned from it
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["teacher_forwards"] == ITERATIONS
     # and the inline run's exported EMA backbone equals the distributed one to float precision
-    from core.models.io import read_state_dict
+    from dinodist.core.models.io import read_state_dict
 
     sa = read_state_dict(tmp_path / "a" / "tiny-vits" / "backbone.pth")
     sc = read_state_dict(tmp_path / "c" / "tiny-vits" / "backbone.pth")

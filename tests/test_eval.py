@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.errors import DinodistError
-from core.eval import extract_features, knn_accuracy, knn_predict, linear_probe, preprocess
+from dinodist.core.errors import DinodistError
+from dinodist.core.eval import extract_features, knn_accuracy, knn_predict, linear_probe, preprocess
 
 
 def clusters(n_per_class: int, n_cls: int = 4, dim: int = 16, noise: float = 0.3, seed: int = 0):
@@ -90,7 +90,7 @@ def test_extract_features_batches_and_preprocess():
 
 
 def test_feature_kinds_on_a_backbone():
-    from core.models import build_backbone
+    from dinodist.core.models import build_backbone
 
     model = build_backbone("tiny-vits", depth=1, embed_dim=24)
     cls, _ = extract_features(model, _Source(3), 16, features="cls")

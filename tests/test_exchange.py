@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from core.distributed import free_port
-from core.errors import DinodistError
-from core.targets import (
+from dinodist.core.distributed import free_port
+from dinodist.core.errors import DinodistError
+from dinodist.core.targets import (
     HEADS,
     ExchangePlan,
     P2PTargetSource,
@@ -45,7 +45,7 @@ def _truth(iteration: int) -> tuple[Targets, torch.Tensor]:
 def _world(rank: int, world: int, port: int, fn, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    from core.distributed import destroy, init_from_env
+    from dinodist.core.distributed import destroy, init_from_env
 
     try:
         init_from_env("gloo", timeout_s=30)
@@ -197,8 +197,8 @@ def test_p2p_header_mismatch_is_a_clear_error():
 
 
 def test_store_replay_source_gives_the_rows_of_the_live_exchange(tmp_path):
-    from core.target_store import StoreReader, StoreWriter
-    from core.targets import StoreTargetSource
+    from dinodist.core.target_store import StoreReader, StoreWriter
+    from dinodist.core.targets import StoreTargetSource
 
     manifest = {"teacher_hash": "random-init:0", "teacher_arch": "tiny-vit7b", "data_fingerprint": "x",
                 "crop_config": {"global_size": 32}, "target_kind": "heads", "topology": "t",

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.errors import DinodistError
-from core.losses import (
+from dinodist.core.errors import DinodistError
+from dinodist.core.losses import (
     dino_loss,
     gram_loss,
     ibot_loss,

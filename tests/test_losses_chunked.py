@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from core.errors import DinodistError
-from core.losses import (
+from dinodist.core.errors import DinodistError
+from dinodist.core.losses import (
     SinkhornScaling,
     dino_loss,
     dino_loss_chunked,

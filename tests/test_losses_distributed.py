@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from core.losses import koleo_loss, koleo_loss_distributed, sinkhorn_knopp
+from dinodist.core.losses import koleo_loss, koleo_loss_distributed, sinkhorn_knopp
 
 WORLD = 2
 TIMEOUT_S = 60

@@ -16,12 +16,12 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.control import messages as m
-from core.control.client import ControlClient
-from core.errors import DinodistError
-from orchestrator import gpu
-from orchestrator.control import ControlServer, RankState
-from orchestrator.metrics import MetricsExporter, progress_line
+from dinodist.core.control import messages as m
+from dinodist.core.control.client import ControlClient
+from dinodist.core.errors import DinodistError
+from dinodist.orchestrator import gpu
+from dinodist.orchestrator.control import ControlServer, RankState
+from dinodist.orchestrator.metrics import MetricsExporter, progress_line
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -2,8 +2,14 @@
 import pytest
 import torch
 
-from core.errors import DinodistError
-from core.models import build_backbone, load_backbone, load_backbone_state, read_state_dict, save_backbone
+from dinodist.core.errors import DinodistError
+from dinodist.core.models import (
+    build_backbone,
+    load_backbone,
+    load_backbone_state,
+    read_state_dict,
+    save_backbone,
+)
 
 
 class Payload:

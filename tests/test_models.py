@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.errors import DinodistError
-from core.models import DINOHead, build_backbone, build_head, get_arch
-from core.models.arch import (
+from dinodist.core.errors import DinodistError
+from dinodist.core.models import DINOHead, build_backbone, build_head, get_arch
+from dinodist.core.models.arch import (
     ARCHS,
     PAPER_DINO_HEAD,
     PAPER_IBOT_HEAD,
@@ -15,7 +15,7 @@ from core.models.arch import (
     HeadSpec,
     head_parameters,
 )
-from core.models.block import Block, subset_size
+from dinodist.core.models.block import Block, subset_size
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "state_dicts"
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import main
+from dinodist.orchestrator.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "topologies"
@@ -30,7 +30,7 @@ def test_cli_rejects_broken_topology(path, capsys):
 def test_cli_subprocess_one_line_no_traceback():
     # the real entry point, once: exit status 2, a single stderr line, no traceback
     path = Path(__file__).parent / "topologies_bad" / "unknown_arch.yaml"
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "plan", str(path)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "dinodist.orchestrator.cli", "plan", str(path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

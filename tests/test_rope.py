@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from core.models.rope import RopePositionEmbedding, apply_rope_qk, rope_periods
+from dinodist.core.models.rope import RopePositionEmbedding, apply_rope_qk, rope_periods
 
 
 def _rope(hd=16, **kw):

@@ -10,14 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from core.errors import DinodistError
-from core.ssl import loop as loop_mod
-from core.ssl.config import Schedule, config_from_dict
-from core.ssl.loop import resolution_index, train
-from core.ssl.model import SSLModel, copy_weights, ema_update
-from core.ssl.optim import apply_hyperparams, build_optimizer, multipliers, param_groups
-from core.ssl.schedules import lr_scale_factor, scaled, schedule_value
-from core.ssl.step import loss_scales
+from dinodist.core.errors import DinodistError
+from dinodist.core.ssl import loop as loop_mod
+from dinodist.core.ssl.config import Schedule, config_from_dict
+from dinodist.core.ssl.loop import resolution_index, train
+from dinodist.core.ssl.model import SSLModel, copy_weights, ema_update
+from dinodist.core.ssl.optim import apply_hyperparams, build_optimizer, multipliers, param_groups
+from dinodist.core.ssl.schedules import lr_scale_factor, scaled, schedule_value
+from dinodist.core.ssl.step import loss_scales
 
 HEAD = {"hidden_dim": 32, "bottleneck_dim": 16, "n_prototypes": 64}
 
@@ -206,7 +206,7 @@ def test_gram_then_highres_stages(tmp_path, folder):
     assert [r["gram_refreshes"] for r in rows] == [0, 1]
     assert all(math.isfinite(r["gram"]) and r["gram"] >= 0 for r in rows)
     # after the refresh the Gram teacher is the EMA teacher of that iteration: in the checkpoint, equal
-    from core.checkpoint import latest_checkpoint, load_checkpoint
+    from dinodist.core.checkpoint import latest_checkpoint, load_checkpoint
 
     model = loop_mod.build_for_export(gram)
     load_checkpoint(latest_checkpoint(tmp_path / "gram" / "ckpt"), model, None, restore_rng=False)

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from core.errors import DinodistError
-from core.losses import sinkhorn_knopp
-from core.ssl.config import StageConfig, config_from_dict, load_stage_config
-from core.ssl.model import build_ssl_model
-from core.ssl.schedules import schedule_value
-from core.ssl.step import StepScalars, compute_losses, teacher_targets
+from dinodist.core.errors import DinodistError
+from dinodist.core.losses import sinkhorn_knopp
+from dinodist.core.ssl.config import StageConfig, config_from_dict, load_stage_config
+from dinodist.core.ssl.model import build_ssl_model
+from dinodist.core.ssl.schedules import schedule_value
+from dinodist.core.ssl.step import StepScalars, compute_losses, teacher_targets
 
 HEAD = {"hidden_dim": 32, "bottleneck_dim": 16, "n_prototypes": 32}
 B, N_LOCAL, G, L, P = 4, 2, 24, 16, 9  # patch 8 -> 3x3 patches per global crop

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.ssl.config import config_from_dict
-from core.ssl.launch import spawn
-from core.ssl.loop import train
+from dinodist.core.ssl.config import config_from_dict
+from dinodist.core.ssl.launch import spawn
+from dinodist.core.ssl.loop import train
 
 HEAD = {"hidden_dim": 32, "bottleneck_dim": 16, "n_prototypes": 64}
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.target_store import StoreReader, StoreWriter, bytes_per_image, bytes_per_million_iterations
+from dinodist.core.target_store import StoreReader, StoreWriter, bytes_per_image, bytes_per_million_iterations
 
 REPO = Path(__file__).resolve().parent.parent
 ITERATIONS = 6
@@ -51,13 +51,12 @@ def write_topology(path: Path, store: Path, **data) -> Path:
 
 def env() -> dict:
     e = dict(os.environ, OMP_NUM_THREADS="1")
-    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), e.get("PYTHONPATH", "")) if p)
     return e
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
     """`dinodist ARGS` in this process (the ranks it launches are subprocesses): (code, stdout, stderr)."""
-    from orchestrator.cli import main
+    from dinodist.orchestrator.cli import main
 
     capsys.readouterr()
     code = main(list(args))
@@ -89,8 +88,8 @@ def live(tmp_path_factory):
     root = tmp_path_factory.mktemp("live")
     store = root / "store"
     topo = write_topology(root / "t.yaml", store)
-    cmd = [sys.executable, "-m", "orchestrator.cli", "distill", str(topo), "--out", str(root / "run"),
-           "--metrics-port", "0"]
+    cmd = [sys.executable, "-m", "dinodist.orchestrator.cli", "distill", str(topo),
+           "--out", str(root / "run"), "--metrics-port", "0"]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return topo, store, trajectory(root / "run" / STUDENT / "metrics.jsonl"), root / "run"
@@ -139,8 +138,8 @@ def test_replay_reproduces_the_live_student_with_zero_teacher_forwards(live, tmp
 
 
 def test_mismatched_store_is_refused_naming_the_field(live, tmp_path, capsys):
-    from orchestrator.replay import check_store, replay_topology
-    from orchestrator.topology import load_topology
+    from dinodist.orchestrator.replay import check_store, replay_topology
+    from dinodist.orchestrator.topology import load_topology
 
     topo, store, _, _ = live
     raw = yaml.safe_load(topo.read_text())

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.errors import DinodistError
-from core.target_store import (
+from dinodist.core.errors import DinodistError
+from dinodist.core.target_store import (
     StoreReader,
     StoreWriter,
     bytes_per_image,
@@ -23,8 +23,8 @@ from core.target_store import (
     check_compatible,
     validate_manifest,
 )
-from core.target_store import format as fmt
-from core.target_store.quant import decode, encode
+from dinodist.core.target_store import format as fmt
+from dinodist.core.target_store.quant import decode, encode
 
 G, DB, DI, P = 4, 32, 24, 16  # images, DINO/iBOT bottleneck widths, patches per crop
 

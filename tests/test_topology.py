@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.errors import DinodistError
-from core.models.arch import PAPER_DINO_HEAD, PAPER_IBOT_HEAD, TINY_DINO_HEAD
-from orchestrator.topology import (
+from dinodist.core.errors import DinodistError
+from dinodist.core.models.arch import PAPER_DINO_HEAD, PAPER_IBOT_HEAD, TINY_DINO_HEAD
+from dinodist.orchestrator.topology import (
     Topology,
     format_loc,
     load_topology,

@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from core.models import build_backbone
-from core.models.io import load_backbone
-from orchestrator.cli import main
+from dinodist.core.models import build_backbone
+from dinodist.core.models.io import load_backbone
+from dinodist.orchestrator.cli import main
 
 HEAD = {"hidden_dim": 32, "bottleneck_dim": 16, "n_prototypes": 64}
 

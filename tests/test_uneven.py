@@ -25,9 +25,9 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
-from core.distributed import free_port
-from core.errors import DinodistError
-from core.targets import (
+from dinodist.core.distributed import free_port
+from dinodist.core.errors import DinodistError
+from dinodist.core.targets import (
     HEADS,
     ExchangePlan,
     P2PTargetSource,
@@ -50,7 +50,7 @@ TERMS = ("loss", "dino_global", "dino_local", "ibot", "koleo")
 
 
 def test_one_row_split_rule_for_planner_and_runtime():
-    from orchestrator.allocate import rank_rows as planner_rank_rows
+    from dinodist.orchestrator.allocate import rank_rows as planner_rank_rows
 
     for g_batch in (1, 7, 8, 13, 4096):
         for d in range(1, min(g_batch, 9) + 1):
@@ -110,7 +110,7 @@ def _truth(iteration: int) -> Targets:
 def _world(rank: int, world: int, port: int, fn, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    from core.distributed import destroy, init_from_env
+    from dinodist.core.distributed import destroy, init_from_env
 
     try:
         init_from_env("gloo", timeout_s=30)
@@ -188,7 +188,7 @@ def _topology(path: Path) -> Path:
 
 def _with_chunk_rows(chunk: int):
     """orchestrator.rank.student_job with the student's loss_chunk_rows forced to `chunk`."""
-    from orchestrator.rank import student_job
+    from dinodist.orchestrator.rank import student_job
 
     def job(topo, name, out):
         j = student_job(topo, name, out)
@@ -205,16 +205,16 @@ def _grad_check(topology: Path, out: Path) -> dict:
     """
     import torch.distributed as dist
 
-    from core.data.loader import BatchLoader
-    from core.data.sources import build_source
-    from core.distributed import group_mesh
-    from core.targets import crop_major, masks_from_collated
-    from orchestrator.rank import student_job, teacher_job
-    from orchestrator.topology import load_topology
-    from students.loss import attach_chunked_losses, chunked_heads_loss, distill_loss
-    from students.model import build_student, shard_student
-    from teacher.model import last_layers, load_teacher
-    from teacher.targets import compute_targets
+    from dinodist.core.data.loader import BatchLoader
+    from dinodist.core.data.sources import build_source
+    from dinodist.core.distributed import group_mesh
+    from dinodist.core.targets import crop_major, masks_from_collated
+    from dinodist.orchestrator.rank import student_job, teacher_job
+    from dinodist.orchestrator.topology import load_topology
+    from dinodist.students.loss import attach_chunked_losses, chunked_heads_loss, distill_loss
+    from dinodist.students.model import build_student, shard_student
+    from dinodist.teacher.model import last_layers, load_teacher
+    from dinodist.teacher.targets import compute_targets
 
     topo = load_topology(topology)
     sj, tj = student_job(topo, "tiny-vits", out), teacher_job(topo, out)
@@ -270,7 +270,7 @@ def _inline_runs(topology: str, out: str) -> None:
     """Child process: inline runs unchunked and chunked, then the direct gradient check."""
     torch.set_num_threads(1)
     try:
-        import orchestrator.inline as inline
+        import dinodist.orchestrator.inline as inline
 
         real = inline.student_job
         for chunk in (0, CHUNK):
@@ -295,9 +295,8 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("uneven")
     topo = _topology(base / "uneven.yaml")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, "-m", "orchestrator.cli", "distill", str(topo), "--out", str(base / "dist"),
-           "--metrics-port", "0"]
+    cmd = [sys.executable, "-m", "dinodist.orchestrator.cli", "distill", str(topo),
+           "--out", str(base / "dist"), "--metrics-port", "0"]
     # the ranks start while the inline child computes: the machine has 2 cores, the job 5 ranks
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -324,7 +323,7 @@ def test_chunked_losses_equal_unchunked_in_the_inline_loop(runs):
             tol = 1e-5 * max(1.0, abs(ra[term]))
             assert abs(ra[term] - rb[term]) <= tol, (ra["iteration"], term, ra[term], rb[term])
     assert a[0]["loss"] != a[1]["loss"]  # training moved: the second iteration saw updated weights
-    from core.models.io import read_state_dict
+    from dinodist.core.models.io import read_state_dict
 
     ea = read_state_dict(runs / "inline" / "chunk0" / "tiny-vits" / "backbone.pth")
     eb = read_state_dict(runs / "inline" / f"chunk{CHUNK}" / "tiny-vits" / "backbone.pth")

@@ -19,8 +19,8 @@ from typing import Any
 import zmq
 from pydantic import ValidationError
 
-from core.control import messages as m
-from core.errors import DinodistError
+from dinodist.core.control import messages as m
+from dinodist.core.errors import DinodistError
 
 # Per-iteration values added to the running totals, mapped to their wire names.
 _ADDITIVE = {

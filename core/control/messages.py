@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from core.errors import DinodistError
+from dinodist.core.errors import DinodistError
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 64 * 1024

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from core.data.sampler import derive_seed
-from core.errors import DinodistError
+from dinodist.core.data.sampler import derive_seed
+from dinodist.core.errors import DinodistError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from core.errors import DinodistError
+from dinodist.core.errors import DinodistError
 
 
 def _crop_major(x: torch.Tensor) -> torch.Tensor:

@@ -13,12 +13,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from core.data.augment import CropConfig, make_crops
-from core.data.collate import collate
-from core.data.masking import sample_masks
-from core.data.sampler import global_batch
-from core.data.sources import ImageSource
-from core.errors import DinodistError
+from dinodist.core.data.augment import CropConfig, make_crops
+from dinodist.core.data.collate import collate
+from dinodist.core.data.masking import sample_masks
+from dinodist.core.data.sampler import global_batch
+from dinodist.core.data.sources import ImageSource
+from dinodist.core.errors import DinodistError
 
 
 class ImageCache:

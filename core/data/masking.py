@@ -19,8 +19,8 @@ import random
 
 import torch
 
-from core.data.sampler import derive_seed
-from core.errors import DinodistError
+from dinodist.core.data.sampler import derive_seed
+from dinodist.core.errors import DinodistError
 
 _TAG_MASK = 0x6D61736B  # keeps mask streams apart from the crop streams of the same (id, seed, crop)
 MIN_BOX_PATCHES = 4

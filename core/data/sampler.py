@@ -12,7 +12,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from core.errors import DinodistError
+from dinodist.core.errors import DinodistError
 
 _INT63 = np.uint64((1 << 63) - 1)
 _TAG_PERMUTATION = 0x7065726D  # keeps the epoch permutation stream apart from the per-sample seeds

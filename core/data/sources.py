@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.errors import DinodistError
+from dinodist.core.errors import DinodistError
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.errors import DinodistError
-from core.eval.knn import knn_accuracy, knn_predict
-from core.eval.linear import linear_probe
+from dinodist.core.errors import DinodistError
+from dinodist.core.eval.knn import knn_accuracy, knn_predict
+from dinodist.core.eval.linear import linear_probe
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

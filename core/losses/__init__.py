@@ -1,10 +1,10 @@
 """Losses: DINO + Sinkhorn-Knopp, iBOT, KoLeo (local and distributed), Gram anchoring. Float32 math."""
 
-from core.losses.dino import dino_loss
-from core.losses.gram import gram_loss, resize_gram_teacher
-from core.losses.ibot import ibot_loss
-from core.losses.koleo import koleo_loss, koleo_loss_distributed
-from core.losses.sinkhorn import sinkhorn_knopp
+from dinodist.core.losses.dino import dino_loss
+from dinodist.core.losses.gram import gram_loss, resize_gram_teacher
+from dinodist.core.losses.ibot import ibot_loss
+from dinodist.core.losses.koleo import koleo_loss, koleo_loss_distributed
+from dinodist.core.losses.sinkhorn import sinkhorn_knopp
 
 __all__ = [
     "dino_loss",
@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 # Memory-light variants: logits over the prototypes are recomputed per chunk of rows, never held whole.
-from core.losses.chunked import (  # noqa: E402
+from dinodist.core.losses.chunked import (  # noqa: E402
     SinkhornScaling,
     dino_loss_chunked,
     ibot_loss_chunked,

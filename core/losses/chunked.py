@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from core.errors import DinodistError
+from dinodist.core.errors import DinodistError
 
 # Rows per chunk. Sinkhorn-Knopp holds ~2 x chunk x K floats, the cross-entropies ~4 x chunk x K (DINO:
 # chunks of the images, each with its teacher crops and one student crop), so the losses default to a

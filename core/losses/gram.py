@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from core.errors import DinodistError
+from dinodist.core.errors import DinodistError
 
 
 def gram_loss(

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from core.errors import DinodistError
+from dinodist.core.errors import DinodistError
 
 
 def _nn_log_distance(x: torch.Tensor, candidates: torch.Tensor, self_index: torch.Tensor, eps: float):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from core.errors import DinodistError
+from dinodist.core.errors import DinodistError
 
 
 @dataclass(frozen=True)

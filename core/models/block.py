@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from core.models.layers import LayerScale, SelfAttention, build_ffn, pack, unpack
+from dinodist.core.models.layers import LayerScale, SelfAttention, build_ffn, pack, unpack
 
 Rope = tuple[Tensor, Tensor] | None
 

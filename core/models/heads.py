@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.models.arch import HeadSpec
+from dinodist.core.models.arch import HeadSpec
 
 
 def _mlp(in_dim: int, spec: HeadSpec) -> nn.Sequential:

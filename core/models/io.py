@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from core.errors import DinodistError
-from core.models.arch import ArchSpec
-from core.models.vit import DinoVisionTransformer, build_backbone
+from dinodist.core.errors import DinodistError
+from dinodist.core.models.arch import ArchSpec
+from dinodist.core.models.vit import DinoVisionTransformer, build_backbone
 
 _SHOW = 3  # offending keys named per category before "(+N more)"
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.models.rope import apply_rope_qk
+from dinodist.core.models.rope import apply_rope_qk
 
 
 class PatchEmbed(nn.Module):

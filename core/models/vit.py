@@ -14,11 +14,11 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
-from core.errors import DinodistError
-from core.models.arch import ArchSpec, get_arch
-from core.models.block import Block
-from core.models.layers import LayerScale, LinearKMaskedBias, PatchEmbed
-from core.models.rope import RopePositionEmbedding
+from dinodist.core.errors import DinodistError
+from dinodist.core.models.arch import ArchSpec, get_arch
+from dinodist.core.models.block import Block
+from dinodist.core.models.layers import LayerScale, LinearKMaskedBias, PatchEmbed
+from dinodist.core.models.rope import RopePositionEmbedding
 
 
 class DinoVisionTransformer(nn.Module):

@@ -4,6 +4,6 @@ Read in the order the data moves: config (the recipe) -> loop (data, schedules, 
 -> model (student, EMA teacher, Gram teacher) -> optim (param groups).
 """
 
-from core.ssl.config import StageConfig, load_stage_config
+from dinodist.core.ssl.config import StageConfig, load_stage_config
 
 __all__ = ["StageConfig", "load_stage_config"]

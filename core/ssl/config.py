@@ -23,8 +23,8 @@ from pydantic import (
     model_validator,
 )
 
-from core.errors import DinodistError
-from core.models.arch import ArchSpec
+from dinodist.core.errors import DinodistError
+from dinodist.core.models.arch import ArchSpec
 
 
 class _Strict(BaseModel):

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from core.errors import DinodistError
+from dinodist.core.errors import DinodistError
 
 
 def free_port() -> int:

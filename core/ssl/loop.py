@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from core.checkpoint import latest_checkpoint, load_checkpoint, load_model_only, save_checkpoint
-from core.data.augment import CropConfig
-from core.data.loader import BatchLoader
-from core.data.sources import build_source
-from core.errors import DinodistError
-from core.ssl.config import Resolution, StageConfig, dump_config
-from core.ssl.model import (
+from dinodist.core.checkpoint import latest_checkpoint, load_checkpoint, load_model_only, save_checkpoint
+from dinodist.core.data.augment import CropConfig
+from dinodist.core.data.loader import BatchLoader
+from dinodist.core.data.sources import build_source
+from dinodist.core.errors import DinodistError
+from dinodist.core.ssl.config import Resolution, StageConfig, dump_config
+from dinodist.core.ssl.model import (
     SSLModel,
     build_ssl_model,
     copy_weights,
@@ -33,9 +33,9 @@ from core.ssl.model import (
     load_tower,
     read_teacher_export,
 )
-from core.ssl.optim import apply_hyperparams, build_optimizer
-from core.ssl.schedules import lr_scale_factor, scaled, schedule_value
-from core.ssl.step import StepScalars, compute_losses
+from dinodist.core.ssl.optim import apply_hyperparams, build_optimizer
+from dinodist.core.ssl.schedules import lr_scale_factor, scaled, schedule_value
+from dinodist.core.ssl.step import StepScalars, compute_losses
 
 SUBMODULES = ("backbone", "dino_head", "ibot_head")
 
@@ -258,7 +258,7 @@ def train(
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device.type if device is not None else "cpu", (world,))
-        from core.ssl.model import shard_model
+        from dinodist.core.ssl.model import shard_model
 
         shard_model(model, mesh, param_dtype=torch.bfloat16 if device is not None else None)
         # The backbone returns views of its normed tokens (x_norm_clstoken = x[:, 0]); step.py never

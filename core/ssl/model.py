@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.errors import DinodistError
-from core.models import build_backbone, build_head, read_state_dict
-from core.models.arch import HeadSpec, arch_dict
-from core.ssl.config import HeadConfig, ModelConfig
+from dinodist.core.errors import DinodistError
+from dinodist.core.models import build_backbone, build_head, read_state_dict
+from dinodist.core.models.arch import HeadSpec, arch_dict
+from dinodist.core.ssl.config import HeadConfig, ModelConfig
 
 try:
     from torch.distributed.tensor import DTensor

@@ -15,7 +15,7 @@ import re
 import torch
 from torch import nn
 
-from core.ssl.config import OptimConfig
+from dinodist.core.ssl.config import OptimConfig
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _LAYER0 = ("cls_token", "storage_tokens", "mask_token", "register_tokens", "patch_embed")

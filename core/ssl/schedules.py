@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from core.ssl.config import Schedule
+from dinodist.core.ssl.config import Schedule
 
 
 def _cosine(frac: float, a: float, b: float) -> float:

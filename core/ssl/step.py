@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from core.losses import (
+from dinodist.core.losses import (
     dino_loss,
     gram_loss,
     ibot_loss,
@@ -29,8 +29,8 @@ from core.losses import (
     resize_gram_teacher,
     sinkhorn_knopp,
 )
-from core.ssl.config import GramConfig, LossConfig
-from core.ssl.model import SSLModel
+from dinodist.core.ssl.config import GramConfig, LossConfig
+from dinodist.core.ssl.model import SSLModel
 
 N_GLOBAL = 2
 

@@ -3,7 +3,7 @@
 Format spec: docs/target-store.md. Writer and reader meet only at the files described there.
 """
 
-from core.target_store.format import (
+from dinodist.core.target_store.format import (
     FORMAT_VERSION,
     bytes_per_image,
     bytes_per_million_iterations,
@@ -11,8 +11,8 @@ from core.target_store.format import (
     file_sha256,
     validate_manifest,
 )
-from core.target_store.reader import StoreReader
-from core.target_store.writer import StoreWriter
+from dinodist.core.target_store.reader import StoreReader
+from dinodist.core.target_store.writer import StoreWriter
 
 __all__ = [
     "FORMAT_VERSION",

@@ -28,8 +28,8 @@ from typing import Any
 
 import msgpack
 
-from core.errors import DinodistError
-from core.target_store.quant import (
+from dinodist.core.errors import DinodistError
+from dinodist.core.target_store.quant import (
     DTYPE_SIZES,
     ENCODINGS,
     FLOAT_DTYPES,

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from core.errors import DinodistError
+from dinodist.core.errors import DinodistError
 
 FLOAT_ENCODINGS = ("fp32", "bf16", "int8")
 # "raw": the tensor's own bytes (integer/bool tensors, and the teacher's last layers).

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from core.errors import DinodistError
-from core.target_store import format as fmt
-from core.target_store.quant import FLOAT_DTYPES, decode
+from dinodist.core.errors import DinodistError
+from dinodist.core.target_store import format as fmt
+from dinodist.core.target_store.quant import FLOAT_DTYPES, decode
 
 
 @dataclass

@@ -21,9 +21,9 @@ from typing import Any
 import msgpack
 import torch
 
-from core.errors import DinodistError
-from core.target_store import format as fmt
-from core.target_store.quant import FLOAT_ENCODINGS, dtype_name, encode
+from dinodist.core.errors import DinodistError
+from dinodist.core.target_store import format as fmt
+from dinodist.core.target_store.quant import FLOAT_ENCODINGS, dtype_name, encode
 
 DEFAULT_SHARD_BYTES = 256 << 20
 _ZEROS = bytes(fmt.ALIGN)
@@ -383,7 +383,7 @@ class StoreWriter:
 
     def _recover(self) -> None:
         """Reopen an existing store: find the last complete record, cut any torn tail, reopen shards."""
-        from core.target_store.reader import scan_shards  # one scanner for writer and reader
+        from dinodist.core.target_store.reader import scan_shards  # one scanner for writer and reader
 
         try:
             (self.path / fmt.CLOSED_FILE).unlink()

@@ -35,8 +35,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from core.errors import DinodistError
-    from orchestrator.replay import run_replay
+    from dinodist.core.errors import DinodistError
+    from dinodist.orchestrator.replay import run_replay
 
     if args.devices is not None and args.devices < 1:
         raise DinodistError(f"--devices: must be >= 1, got {args.devices}")

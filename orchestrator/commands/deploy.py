@@ -5,17 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from core.errors import DinodistError
-from orchestrator.allocate import make_plan
-from orchestrator.launchfiles import TOPOLOGY_MOUNT, LaunchSpec, write_launch_files
-from orchestrator.topology import load_topology
+from dinodist.core.errors import DinodistError
+from dinodist.orchestrator.allocate import make_plan
+from dinodist.orchestrator.launchfiles import TOPOLOGY_MOUNT, LaunchSpec, write_launch_files
+from dinodist.orchestrator.topology import load_topology
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "deploy",
         help="write torchrun / SLURM / Kubernetes launch files for a topology",
-        description="Plan TOPOLOGY and write launch files that start `python -m orchestrator.rank TOPOLOGY` "
+        description="Plan TOPOLOGY and write launch files that start `python -m dinodist.orchestrator.rank TOPOLOGY` "
         "on every rank under torchrun (c10d rendezvous). See deploy/README.md.",
     )
     p.add_argument("target", choices=["torchrun", "slurm", "k8s"], help="launcher to generate for")

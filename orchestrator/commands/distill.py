@@ -23,7 +23,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.distill import run_distill
+    from dinodist.orchestrator.distill import run_distill
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_distill(args.topology, out=args.out, iterations=args.iterations, metrics_port=args.metrics_port,

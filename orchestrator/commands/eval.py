@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from core.errors import DinodistError
+from dinodist.core.errors import DinodistError
 
 
 def register(subparsers) -> None:
@@ -43,8 +43,8 @@ def register(subparsers) -> None:
 
 def load_eval_backbone(checkpoint: str | None, arch: str | None, seed: int = 0):
     """(backbone in eval mode, default image size or None, description)."""
-    from core.models import build_backbone, load_backbone
-    from core.models.io import load_backbone_state
+    from dinodist.core.models import build_backbone, load_backbone
+    from dinodist.core.models.io import load_backbone_state
 
     if checkpoint is None:
         if arch is None:
@@ -53,9 +53,9 @@ def load_eval_backbone(checkpoint: str | None, arch: str | None, seed: int = 0):
         return build_backbone(arch).eval(), None, f"random init of {arch} (seed {seed})"
     path = Path(checkpoint)
     if path.is_dir():
-        from core.checkpoint import load_model_only
-        from core.ssl.config import load_stage_config
-        from core.ssl.loop import find_checkpoint
+        from dinodist.core.checkpoint import load_model_only
+        from dinodist.core.ssl.config import load_stage_config
+        from dinodist.core.ssl.loop import find_checkpoint
 
         if not (path / "config.yaml").is_file():
             raise DinodistError(f"{path}: no config.yaml (not a `dinodist train` output folder)")
@@ -70,7 +70,7 @@ def load_eval_backbone(checkpoint: str | None, arch: str | None, seed: int = 0):
     if side.is_file():
         meta = json.loads(side.read_text())
         bb = build_backbone(meta["arch"], **meta.get("overrides", {}))
-        from core.models.io import read_state_dict
+        from dinodist.core.models.io import read_state_dict
 
         load_backbone_state(bb, read_state_dict(path), source=str(path))
         return bb.eval(), meta.get("image_size"), f"{path} ({meta['arch']})"
@@ -80,8 +80,8 @@ def load_eval_backbone(checkpoint: str | None, arch: str | None, seed: int = 0):
 
 
 def run(args: argparse.Namespace) -> int:
-    from core.data.sources import build_source
-    from core.eval import extract_features, knn_accuracy, linear_probe
+    from dinodist.core.data.sources import build_source
+    from dinodist.core.eval import extract_features, knn_accuracy, linear_probe
 
     for name in ("limit_train", "limit_test", "image_size"):
         v = getattr(args, name)

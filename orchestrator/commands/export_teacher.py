@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from core.errors import DinodistError
+from dinodist.core.errors import DinodistError
 
 
 def register(subparsers) -> None:
@@ -31,9 +31,9 @@ def register(subparsers) -> None:
 
 def load_run_model(run_dir: str | Path):
     """(config, unsharded SSLModel with the latest checkpoint's weights, checkpoint path) of a run dir."""
-    from core.checkpoint import latest_checkpoint, load_checkpoint
-    from core.ssl.config import load_stage_config
-    from core.ssl.loop import build_for_export
+    from dinodist.core.checkpoint import latest_checkpoint, load_checkpoint
+    from dinodist.core.ssl.config import load_stage_config
+    from dinodist.core.ssl.loop import build_for_export
 
     run = Path(run_dir)
     if not run.is_dir():
@@ -50,8 +50,8 @@ def load_run_model(run_dir: str | Path):
 
 
 def run(args: argparse.Namespace) -> int:
-    from core.models.io import save_backbone
-    from core.ssl.model import sidecar, teacher_export_state
+    from dinodist.core.models.io import save_backbone
+    from dinodist.core.ssl.model import sidecar, teacher_export_state
 
     cfg, model, ck = load_run_model(args.run_dir)
     out = Path(args.out)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from core.target_store import bytes_per_image, bytes_per_million_iterations
-from orchestrator.allocate import make_plan, plan_table
-from orchestrator.cost import calibrate
-from orchestrator.topology import Topology, load_topology
+from dinodist.core.target_store import bytes_per_image, bytes_per_million_iterations
+from dinodist.orchestrator.allocate import make_plan, plan_table
+from dinodist.orchestrator.cost import calibrate
+from dinodist.orchestrator.topology import Topology, load_topology
 
 STORE_DTYPES = ("fp32", "bf16", "int8")
 _COLUMNS = ("bytes_per_image", "bytes_per_iteration", "bytes_per_million_iterations", "bytes_for_run",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from core.errors import DinodistError
-from core.ssl.config import load_stage_config
+from dinodist.core.errors import DinodistError
+from dinodist.core.ssl.config import load_stage_config
 
 
 def register(subparsers) -> None:
@@ -28,7 +28,7 @@ def register(subparsers) -> None:
 
 
 def _train_rank(cfg, out: str, resume: bool, progress: bool) -> None:
-    from core.ssl.loop import train
+    from dinodist.core.ssl.loop import train
 
     train(cfg, out, resume=resume, progress=progress)
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or str(Path("runs") / Path(args.config).stem)
     if args.resume and not (Path(out) / "ckpt").is_dir():
         raise DinodistError(f"--resume: no checkpoint folder {Path(out) / 'ckpt'}")
-    from core.ssl import launch
+    from dinodist.core.ssl import launch
 
     if launch.under_torchrun():
         launch.init_from_env()
