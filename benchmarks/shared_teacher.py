@@ -55,7 +55,8 @@ def run_distill(topo: Path, out: Path) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "dinodist.orchestrator.cli", "distill", str(topo),
-                           "--out", str(out), "--metrics-port", "0"], cwd=REPO, env=env, capture_output=True, text=True)
+                           "--out", str(out), "--metrics-port", "0"], cwd=REPO, env=env, capture_output=True,
+                          text=True)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +17,12 @@ import torch
 import torch.distributed as dist
 
 from dinodist.core.errors import DinodistError
+from dinodist.core.net import free_port
+
+__all__ = [
+    "DistInfo", "destroy", "default_backend", "device_for_backend", "env_info", "free_port", "group_mesh",
+    "init_from_env", "make_subgroups",
+]
 
 _ENV_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
 
@@ -32,13 +37,6 @@ class DistInfo:
     @property
     def device(self) -> torch.device:
         return device_for_backend(self.backend, self.local_rank)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """An ephemeral TCP port that was free a moment ago (the OS picks it; races are unlikely)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def default_backend() -> str:

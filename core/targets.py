@@ -31,10 +31,14 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from dinodist.core.data.masking import sample_masks
+from dinodist.core.data.sampler import global_batch
 from dinodist.core.errors import DinodistError
+from dinodist.core.rows import loss_scale, rank_rows
 
 HEADS = "heads"
 FEATURES = "features"
+__all__ = ["loss_scale", "rank_rows"]  # the split rule (core/rows.py), with the exchange that uses it
 _HEADER_FIXED = 4  # iteration, first row, stop row, number of iBOT rows
 
 
@@ -88,6 +92,28 @@ def ibot_counts(masks: torch.Tensor) -> torch.Tensor:
     return masks.sum(-1).to(torch.long)
 
 
+@dataclass(frozen=True)
+class MaskCounter:
+    """iBOT counts [r, 2] of rows [start, stop) of any iteration, from (sample id, seed) alone.
+
+    The masks a loader makes for those rows (core.data.loader) are a pure function of the sampled ids
+    and seeds, so a receiver sizes its buffers for rows it never loads: a student rank one iteration
+    ahead, teacher rank 0 for the other teacher ranks' store blocks.
+    """
+
+    global_batch: int
+    num_samples: int
+    seed: int
+    grid: tuple[int, int]
+    mask_prob: float
+    mask_ratio: tuple[float, float]
+
+    def __call__(self, iteration: int, start: int, stop: int) -> torch.Tensor:
+        ids, seeds = global_batch(iteration, self.global_batch, self.num_samples, self.seed)
+        return ibot_counts(sample_masks(ids[start:stop], seeds[start:stop], self.grid, self.mask_prob,
+                                        self.mask_ratio))
+
+
 def masks_from_collated(collated_masks: torch.Tensor) -> torch.Tensor:
     """Collated crop-major masks [2r, P] -> per-row masks [r, 2, P]."""
     n, p = collated_masks.shape
@@ -136,33 +162,6 @@ class Transfer:
     dst: int
     start: int
     stop: int
-
-
-def rank_rows(global_batch: int, group_size: int, rank: int) -> slice:
-    """Rows [floor(rank G/d), floor((rank+1) G/d)) of the global batch G owned by `rank` of d ranks.
-
-    Contiguous, in rank order, sizes differing by at most one (the first ranks get the smaller
-    shares); exactly G/d each when d divides G. The planner (orchestrator.allocate) and the runtime
-    (teacher and student ranks) all use this one rule, so what `dinodist plan` sizes is what runs.
-    """
-    if group_size <= 0 or group_size > global_batch:
-        raise DinodistError(
-            f"group size {group_size}: must be between 1 and the global batch size {global_batch}"
-        )
-    if not 0 <= rank < group_size:
-        raise DinodistError(f"rank {rank}: outside a group of {group_size} ranks")
-    return slice(rank * global_batch // group_size, (rank + 1) * global_batch // group_size)
-
-
-def loss_scale(rows: int, group_size: int, global_batch: int) -> float:
-    """Factor on a rank's per-row mean loss so that data-parallel training sees the full-batch mean.
-
-    FSDP2 / DDP average gradients over the d ranks of a group: with equal shares the mean of the
-    ranks' mean losses is the mean over the global batch, with unequal shares it would weight a
-    2-row rank's rows more than a 3-row rank's. Scaling rank r's loss by rows_r * d / G makes
-    (1/d) sum_r rows_r d / G grad(mean_r) = grad of the mean over all G rows. 1.0 for even shares.
-    """
-    return rows * group_size / global_batch
 
 
 def _group_rows(global_batch: int, ranks: Sequence[int], what: str,

@@ -31,6 +31,8 @@ import bisect
 from dataclasses import asdict, dataclass, field
 
 from dinodist.core.errors import DinodistError
+from dinodist.core.losses.memory import DEFAULT_CHUNK_ROWS
+from dinodist.core.rows import rank_rows
 from dinodist.orchestrator.cost import (
     GIB,
     DeviceProfile,
@@ -41,22 +43,6 @@ from dinodist.orchestrator.cost import (
     memory_per_rank,
 )
 from dinodist.orchestrator.topology import Topology
-
-
-def rank_rows(global_batch: int, group_size: int, rank: int) -> slice:
-    """Rows of the global batch that `rank` of a group of `group_size` ranks owns.
-
-    Contiguous, in rank order, sizes differing by at most one (the first ranks get the smaller
-    shares); equal to the even split G/d when d divides G. A runtime that trains on uneven shares
-    must scale each rank's mean loss by rows * group_size / global_batch so that the data-parallel
-    average of gradients equals the gradient of the mean over the whole batch.
-
-    The rule itself lives in `core.targets.rank_rows`, which the teacher and student ranks use:
-    the plan and the runtime cannot drift apart.
-    """
-    from dinodist.core.targets import rank_rows as runtime_rank_rows
-
-    return runtime_rank_rows(global_batch, group_size, rank)
 
 
 @dataclass
@@ -275,7 +261,7 @@ def _memory_floor(topo: Topology, c: GroupCost, profile: DeviceProfile, total: i
     elif c.role == "student" and not topo.student(c.name).activation_checkpointing:
         hint = "; try activation_checkpointing: true"
     elif c.role == "student" and topo.train.loss_chunk_rows == 0:
-        hint = "; try train.loss_chunk_rows: 4096"
+        hint = f"; try train.loss_chunk_rows: {DEFAULT_CHUNK_ROWS}"
     raise DinodistError(
         f"{where}: {c.arch} ({shard}) needs {need / GIB:.1f} GiB per rank on {d} devices "
         f"(batch {largest_share(g, d)} per rank) but a {profile.kind} rank has "
@@ -319,13 +305,14 @@ def make_plan(topology: Topology, devices: int | None = None,
                 placement[-1] = (node, placement[-1][1], placement[-1][2] + 1)
             else:
                 placement.append((node, local, 1))
+        first_rows, last_rows = rank_rows(g_batch, d, 0), rank_rows(g_batch, d, d - 1)
         groups.append(GroupPlan(
             name=c.name, role=c.role, arch=c.arch, devices=d, ranks=ranks,
-            batch_per_rank=largest_share(g_batch, d), seconds_per_iteration=t,
+            batch_per_rank=last_rows.stop - last_rows.start, seconds_per_iteration=t,
             wait_fraction=1 - (w / d) / t_max,  # mean rank: w/d busy seconds of t_max
             memory_per_rank_bytes=memory_per_rank(topo, c.name, d),
             flops_per_image=c.flops_per_image, calibration=c.scale,
-            min_batch_per_rank=g_batch // d, busy_device_seconds=w, placement=placement,
+            min_batch_per_rank=first_rows.stop - first_rows.start, busy_device_seconds=w, placement=placement,
         ))
         first += d
     return Plan(topo.name, profile.kind, total, dpn, g_batch, t_max, groups, profile.memory_bytes, even)

@@ -10,6 +10,8 @@ process gone, non-zero exit) or reports an error makes the server send `stop` to
 the launcher kills whatever is still running after a grace period (`stragglers`), and the job
 exits non-zero with a message naming the rank and its group. `restart_group` (restart the
 failed group from its last checkpoint while the others wait) is designed but not implemented.
+The settings (`bind`, `port`, `secret_env`, heartbeat and register timeouts, `on_failure`,
+`grace_s`) and their defaults are the topology's `control:` section (orchestrator/topology.py).
 """
 
 from __future__ import annotations
@@ -23,33 +25,20 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import zmq
-from pydantic import BaseModel, ConfigDict, Field
 
 from dinodist.core.control import messages as m
 from dinodist.core.errors import DinodistError
+
+if TYPE_CHECKING:
+    from dinodist.orchestrator.topology import Control
 
 log = logging.getLogger("dinodist.control")
 
 Status = Literal["expected", "running", "done", "dead", "error"]
 EventKind = Literal["registered", "dead", "error", "done"]
-
-
-class ControlConfig(BaseModel):
-    """The `control:` section of a topology."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    bind: str = "127.0.0.1"
-    port: int = Field(0, ge=0, le=65535)
-    secret_env: str | None = None
-    heartbeat_interval_s: float = Field(1.0, gt=0)
-    heartbeat_timeout_s: float = Field(10.0, gt=0)
-    register_timeout_s: float | None = Field(300.0, gt=0)
-    on_failure: Literal["stop", "restart_group"] = "stop"
-    grace_s: float = Field(30.0, ge=0)
 
 
 def check_failure_policy(policy: str) -> None:
@@ -469,15 +458,12 @@ class ControlServer:
         self.close()
 
 
-def server_from_config(cfg: Any, expected: Mapping[int, str], **kwargs: Any) -> ControlServer:
-    """A server for a topology's `control:` section (a ControlConfig or any object with its fields;
-    fields it lacks take ControlConfig's defaults)."""
-    defaults = ControlConfig()
-    get = lambda name: getattr(cfg, name, getattr(defaults, name))
-    secret_env = get("secret_env")
-    secret = m.secret_from_env(secret_env) if secret_env else None
-    return ControlServer(get("bind"), get("port"), secret, get("heartbeat_timeout_s"), expected,
-                         on_failure=get("on_failure"), register_timeout_s=get("register_timeout_s"), **kwargs)
+def server_from_config(cfg: Control, expected: Mapping[int, str], **kwargs: Any) -> ControlServer:
+    """A server for a topology's `control:` section (orchestrator/topology.py:Control, the one schema
+    of these settings and where their defaults are stated)."""
+    secret = m.secret_from_env(cfg.secret_env) if cfg.secret_env else None
+    return ControlServer(cfg.bind, cfg.port, secret, cfg.heartbeat_timeout_s, expected,
+                         on_failure=cfg.on_failure, register_timeout_s=cfg.register_timeout_s, **kwargs)
 
 
 class Process(Protocol):
@@ -496,7 +482,7 @@ def supervise(
     server: ControlServer,
     procs: Mapping[int, Process],
     *,
-    grace_s: float = 30.0,
+    grace_s: float,
     poll_s: float = 0.2,
     kill: Callable[[list[int]], None] | None = None,
     progress: Callable[[dict[int, RankState]], None] | None = None,

@@ -22,7 +22,7 @@ a runtime reserve:
   or with activation checkpointing only the block input D plus one block's full set; the heads'
   MLP activations and the [rows, Db] bottlenecks (`head_activation_bytes`); the prototype losses
   (`prototype_loss_bytes`): with `train.loss_chunk_rows` > 0 the peak of the chunked losses
-  (`core.losses.chunked.loss_activation_bytes`, O(chunk x K)), with 0 the full fp32 logits:
+  (`core.losses.memory.loss_activation_bytes`, O(chunk x K)), with 0 the full fp32 logits:
   student DINO (2+n crops) x K x 3 (logits, log-softmax, grad), teacher probabilities 2 x K x 2
   (logits, Sinkhorn-Knopp), iBOT per masked patch K_ibot x 5 (same terms).
 - teacher (frozen): bf16 backbone + heads without last layers, divided by the group size under
@@ -32,17 +32,15 @@ a runtime reserve:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import statistics
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dinodist.core.errors import DinodistError
-from dinodist.core.losses.chunked import loss_activation_bytes
+from dinodist.core.losses.memory import loss_activation_bytes
 from dinodist.core.models.arch import (
     ArchSpec,
     HeadSpec,
@@ -52,6 +50,7 @@ from dinodist.core.models.arch import (
     num_parameters,
     num_tokens,
 )
+from dinodist.orchestrator.planfile import PLAN_FILE, read_plan
 from dinodist.orchestrator.topology import Topology
 
 GIB = 1024**3
@@ -328,13 +327,9 @@ def calibrate(topo: Topology, run_dir: str | Path, devices: dict[str, int]) -> d
     if not run_dir.is_dir():
         raise DinodistError(f"--calibrate: run folder not found: {run_dir}")
     run_devices = dict(devices)
-    plan_file = run_dir / "plan.json"
+    plan_file = run_dir / PLAN_FILE
     if plan_file.is_file():
-        try:
-            saved = json.loads(plan_file.read_text())["groups"]
-            run_devices.update({g["name"]: int(g["devices"]) for g in saved})
-        except (ValueError, KeyError, TypeError):
-            raise DinodistError(f"{plan_file}: not a plan --json file") from None
+        run_devices.update({g.name: g.devices for g in read_plan(plan_file).groups})
     profile = device_profile(topo)
     factors: dict[str, float] = {}
     for g in group_costs(topo):
@@ -353,101 +348,3 @@ def calibrate(topo: Topology, run_dir: str | Path, devices: dict[str, int]) -> d
     if not factors:
         raise DinodistError(f"--calibrate: no <group>/metrics.jsonl with step_seconds under {run_dir}")
     return factors
-
-
-# ---------------------------------------------------------------------------------------------
-# the official colocated multi-distillation, through the same cost model
-
-OFFICIAL_SPLIT = (("vits16", 48), ("vits16plus", 48), ("vitb16", 80), ("vitl16", 120))
-OFFICIAL_GLOBAL_BATCH = 1920
-
-
-def official_topology_dict(device: str = "h100", global_batch: int = OFFICIAL_GLOBAL_BATCH,
-                           split: tuple[tuple[str, int], ...] = OFFICIAL_SPLIT, auto: bool = False) -> dict:
-    """The released multidistillation workload as a topology: 7B teacher with paper heads,
-    256/112 crops with 8 local, students with full activation checkpointing (as released)."""
-    world = sum(n for _, n in split)
-    # with fixed student counts the (colocated) teacher gets one spare node so the spec validates;
-    # official_colocated() only reads the per-image costs from it
-    nodes = math.ceil(world / 8) + (0 if auto else 1)
-    return {
-        "name": "official-multidist",
-        "cluster": {"nodes": nodes, "devices_per_node": 8, "device": device},
-        "teacher": {"arch": "vit7b16", "devices": "auto"},
-        "students": [{"name": a, "arch": a, "devices": "auto" if auto else n,
-                      "activation_checkpointing": True} for a, n in split],
-        "data": {"global_crop_size": 256, "local_crop_size": 112, "local_crops": 8},
-        "train": {"global_batch_size": global_batch, "iterations": 1},
-        "control": {"secret_env": "DINODIST_SECRET"},
-        "output": "runs/official",
-    }
-
-
-def official_colocated(topo: Topology, split: dict[str, int]) -> dict:
-    """Official design: every rank of the world runs the teacher (FSDP over all ranks) on its
-    ceil(G/W) images, then its student group's step on G/n images; all ranks sync every
-    iteration (world all_gather of targets), so the slowest group sets the pace."""
-    profile = device_profile(topo)
-    g = topo.train.global_batch_size
-    world = sum(split.values())
-    t_img = teacher_flops_per_image(topo) / profile.flops
-    t_teacher = math.ceil(g / world) * t_img
-    groups = []
-    for name, n in split.items():
-        if g % n:
-            raise DinodistError(f"official split: global batch {g} not divisible by {n} ranks of {name}")
-        t = t_teacher + (g // n) * student_flops_per_image(topo, name) / profile.flops
-        groups.append({"name": name, "devices": n, "batch_per_rank": g // n, "seconds_per_iteration": t})
-    t_max = max(x["seconds_per_iteration"] for x in groups)
-    for x in groups:
-        x["wait_fraction"] = 1 - x["seconds_per_iteration"] / t_max
-    busy = sum(x["devices"] * x["seconds_per_iteration"] for x in groups)
-    # the job's bubble as `Plan.wait_fraction` counts it: useful device-seconds are the teacher on
-    # the G images (not the W * ceil(G/W) it runs, padding included) and each student on G images
-    useful = g * t_img + sum(g * student_flops_per_image(topo, n) / profile.flops for n in split)
-    return {"design": "official colocated", "devices": world, "seconds_per_iteration": t_max,
-            "images_per_second": g / t_max, "teacher_seconds_per_rank": t_teacher,
-            "idle_fraction": 1 - busy / (world * t_max), "wait_fraction": 1 - useful / (world * t_max),
-            "groups": groups}
-
-
-def main(argv: list[str] | None = None) -> int:
-    from dinodist.orchestrator.allocate import make_plan, plan_table  # allocate imports this module
-    from dinodist.orchestrator.topology import parse_topology
-
-    parser = argparse.ArgumentParser(prog="python -m dinodist.orchestrator.cost", description=(
-        "Cost-model comparisons. --official: the released colocated multidistillation "
-        "(7B teacher on all 296 ranks, students 48/48/80/120) vs. dinodist's matched groups "
-        "on the same workload and device count."))
-    parser.add_argument("--official", action="store_true", required=True)
-    parser.add_argument("--device", default="h100", choices=sorted(PEAK_BF16))
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    fixed = parse_topology(official_topology_dict(args.device))
-    official = official_colocated(fixed, dict(OFFICIAL_SPLIT))
-    ours = {}
-    for label, even in (("even", True), ("uneven", False)):
-        raw = official_topology_dict(args.device, auto=True)
-        raw["train"]["even_batches"] = even
-        ours[label] = make_plan(parse_topology(raw), devices=official["devices"])
-    if args.json:
-        print(json.dumps({"official": official, **{f"dinodist_{k}": p.to_dict() for k, p in ours.items()}},
-                         indent=1))
-        return 0
-    print(f"workload: 7B teacher + {', '.join(a for a, _ in OFFICIAL_SPLIT)}, global batch "
-          f"{OFFICIAL_GLOBAL_BATCH}, {official['devices']} x {args.device}")
-    print(f"official colocated: {official['seconds_per_iteration']:.3f} s/iter, "
-          f"{official['images_per_second']:.0f} img/s, job wait {100 * official['wait_fraction']:.1f} %")
-    for x in official["groups"]:
-        print(f"  {x['name']:<12} {x['devices']:>4} ranks  batch/rank {x['batch_per_rank']:>3}  "
-              f"{x['seconds_per_iteration']:.3f} s  wait {100 * x['wait_fraction']:.1f} %")
-    for label, plan in ours.items():
-        print(f"\ndinodist matched groups, {label} batches: {plan.seconds_per_iteration:.3f} s/iter, "
-              f"{OFFICIAL_GLOBAL_BATCH / plan.seconds_per_iteration:.0f} img/s, "
-              f"speed-up x{official['seconds_per_iteration'] / plan.seconds_per_iteration:.2f}")
-        print(plan_table(plan))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

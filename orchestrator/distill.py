@@ -1,11 +1,12 @@
 """The `dinodist distill` orchestrator: plan -> control plane + /metrics -> launch -> watch -> summary.
 
-It never touches a tensor. It resolves the topology once (the plan's device counts are written
-into `<out>/topology.yaml`, which is what every rank then reads, so all ranks agree on the
-groups), serves the control plane and Prometheus metrics, starts the ranks, prints one progress
-line per group, and applies the failure policy: the first rank that dies or fails stops the
-whole job (stop command, then SIGKILL after a short grace) and the command exits non-zero with a
-message naming the rank and its group.
+It never touches a tensor (nor imports torch or the rank runtime). It plans once and writes the
+resolved topology (`<out>/topology.yaml`: every `auto` replaced by the plan's device counts) and
+the plan (`<out>/plan.json`), which is what every rank then reads, so all ranks agree on the
+groups without planning again. It serves the control plane and Prometheus metrics, starts the
+ranks, prints one progress line per group, and applies the failure policy: the first rank that
+dies or fails stops the whole job (stop command, then SIGKILL after `control.grace_s`) and the
+command exits non-zero with a message naming the rank and its group.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from dinodist.orchestrator.allocate import Plan, make_plan
 from dinodist.orchestrator.control import server_from_config, supervise
 from dinodist.orchestrator.launch import launch_ranks
 from dinodist.orchestrator.metrics import MetricsExporter, progress_line
-from dinodist.orchestrator.topology import Topology, load_topology
+from dinodist.orchestrator.planfile import write_plan
+from dinodist.orchestrator.topology import Topology, check_runnable, load_topology
 
 log = logging.getLogger("dinodist.distill")
 
@@ -64,8 +66,7 @@ def summarize(out_dir: Path, plan: Plan) -> dict:
 
 
 def run_distill(topology: str | Path, out: str | None = None, iterations: int | None = None,
-                metrics_port: int | None = None, grace_s: float = 5.0, progress_every_s: float = 5.0,
-                echo=print) -> dict:
+                metrics_port: int | None = None, progress_every_s: float = 5.0, echo=print) -> dict:
     """Run a whole distillation job; returns the summary, raises DinodistError on failure."""
     overrides: dict = {}
     if iterations is not None:
@@ -73,19 +74,20 @@ def run_distill(topology: str | Path, out: str | None = None, iterations: int | 
     if out is not None:
         overrides["output"] = out
     topo = load_topology(topology, overrides)
+    check_runnable(topo)
     plan = make_plan(topo)
     out_dir = Path(topo.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     resolved = out_dir / "topology.yaml"
     resolved.write_text(yaml.safe_dump(resolved_topology(topo, plan), sort_keys=False))
+    write_plan(out_dir, plan.to_dict())
     world = plan.used_devices
     expected = {r: g.name for g in plan.groups for r in g.ranks}
     started = time.monotonic()
     title = (f"dinodist distill: {topo.name}: {world} ranks "
              + ", ".join(f"{g.name} {g.devices}" for g in plan.groups))
     launch_and_supervise(topo, expected, [str(resolved), "--out", str(out_dir)], out_dir, title,
-                         metrics_port=metrics_port, grace_s=grace_s, progress_every_s=progress_every_s,
-                         echo=echo)
+                         metrics_port=metrics_port, progress_every_s=progress_every_s, echo=echo)
     summary = summarize(out_dir, plan)
     summary["wall_seconds"] = time.monotonic() - started
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -98,12 +100,14 @@ def run_distill(topology: str | Path, out: str | None = None, iterations: int | 
 
 
 def launch_and_supervise(topo: Topology, expected: dict[int, str], rank_args: list[str], out_dir: Path,
-                         title: str, metrics_port: int | None = None, grace_s: float = 5.0,
-                         progress_every_s: float = 5.0, echo=print) -> None:
-    """Serve control + /metrics, start one `orchestrator.rank RANK_ARGS` per entry of `expected`
-    (rank -> group), watch them; raises DinodistError naming the failed rank. Shared by `distill`
-    and `add-student` (orchestrator/replay.py), whose world is the new group's ranks only."""
+                         title: str, metrics_port: int | None = None, progress_every_s: float = 5.0,
+                         echo=print) -> None:
+    """Serve control + /metrics, start one rank program (launch.RANK_MODULE RANK_ARGS) per entry of
+    `expected` (rank -> group), watch them; raises DinodistError naming the failed rank. Shared by
+    `distill` and `add-student` (orchestrator/add_student.py), whose world is the new group's ranks
+    only."""
     world = len(expected)
+    grace_s = topo.control.grace_s
     port = topo.metrics.port if metrics_port is None else metrics_port
     exporter = MetricsExporter(port=port)
     server = server_from_config(topo.control, expected, on_message=exporter.observe_message,

@@ -1,6 +1,6 @@
 """Start the local rank processes of a run and watch them.
 
-Each rank is `python -m dinodist.orchestrator.rank ARGS` with torchrun-style env:// variables, so the
+Each rank is `python -m dinodist.orchestrator.runtime.rank ARGS` with torchrun-style env:// variables, so the
 same entry point runs under an external torchrun (see `dinodist deploy`). A rank that exits
 non-zero takes the job down: the orchestrator asks the launcher to stop the rest, which sends
 SIGTERM and, after a grace period, SIGKILL to each rank's process group.
@@ -17,9 +17,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dinodist.core.distributed import free_port
+from dinodist.core.control.client import CONTROL_ENV
+from dinodist.core.errors import DinodistError
+from dinodist.core.net import free_port
 
-CONTROL_ENV = "DINODIST_CONTROL"
+# the rank program (orchestrator/runtime/rank.py), named, not imported: the driver never loads the runtime
+RANK_MODULE = "dinodist.orchestrator.runtime.rank"
 
 
 @dataclass
@@ -116,7 +119,7 @@ def rank_env(rank: int, world_size: int, master_port: int, control_addr: str | N
 
 
 def launch_ranks(world_size: int, args: Sequence[str], log_dir: str | Path, control_addr: str | None = None,
-                 extra_env: Mapping[str, str] | None = None, module: str = "dinodist.orchestrator.rank") -> Launcher:
+                 extra_env: Mapping[str, str] | None = None, module: str = RANK_MODULE) -> Launcher:
     """Start `world_size` ranks of `python -m MODULE ARGS`, logs in `log_dir/rank-<r>.log`."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -135,3 +138,24 @@ def launch_ranks(world_size: int, args: Sequence[str], log_dir: str | Path, cont
             )
         ranks.append(RankProcess(rank, proc, log_path))
     return Launcher(ranks, port)
+
+
+def run_rank_check(args: Sequence[str], timeout_s: float) -> None:
+    """Run the rank program once without a world (e.g. `--check`): raise its one-line error, if any.
+
+    The driver uses this for checks that need the rank runtime's own view of a topology (the store
+    check of `add-student`) without importing it.
+    """
+    cmd = [sys.executable, "-m", RANK_MODULE, *args]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise DinodistError(f"{RANK_MODULE} {' '.join(args)}: no answer within {timeout_s:g} s") from None
+    if proc.returncode == 0:
+        return
+    lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
+    errors = [line.split(": error: ", 1)[1] for line in lines if ": error: " in line]
+    raise DinodistError(errors[-1] if errors else lines[-1])

@@ -1,29 +1,35 @@
 """Launch files generated from a topology's plan: per-node torchrun scripts, an sbatch script, and
 Kubernetes manifests (Kubeflow Trainer v2 TrainJob, or the older PyTorchJob).
 
-Every launcher starts the same program on every rank, `python -m dinodist.orchestrator.rank TOPOLOGY`,
-under torchrun (c10d rendezvous, env:// variables). The rank reads the topology, recomputes the
-plan (it is deterministic) and finds its group from its global rank: teacher ranks first, then the
-students in listed order. Node 0 hosts the rendezvous and the control plane (zmq ROUTER at
-`control.port`, `/metrics` at `metrics.port`); ranks find it through `DINODIST_CONTROL`.
+Every launcher starts the same program on every rank, `python -m dinodist.orchestrator.runtime.rank
+TOPOLOGY --plan PLAN`, under torchrun (c10d rendezvous, env:// variables). `deploy` writes the plan
+(`plan.json`) beside the launch files; the rank reads the topology and that plan, and finds its
+group from its global rank: teacher ranks first, then the students in listed order. Node 0 is the
+rendezvous host and the address ranks dial for the control plane (`DINODIST_CONTROL`: zmq at
+`control.port`; `/metrics` at `metrics.port`).
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from dinodist.core.control.client import CONTROL_ENV
 from dinodist.core.errors import DinodistError
 from dinodist.orchestrator.allocate import Plan
+from dinodist.orchestrator.launch import RANK_MODULE
+from dinodist.orchestrator.planfile import PLAN_FILE, write_plan
 from dinodist.orchestrator.topology import Topology
 
-CONTROL_ENV = "DINODIST_CONTROL"  # the address ranks dial, as orchestrator.launch sets it locally
 DEFAULT_CONTROL_PORT = 29600  # used when the topology leaves control.port at 0 (ephemeral)
 RDZV_PORT = 29400
-TOPOLOGY_MOUNT = "/etc/dinodist/topology.yaml"
+CONFIG_MOUNT = "/etc/dinodist"  # Kubernetes: the ConfigMap with topology.yaml and plan.json
+TOPOLOGY_MOUNT = f"{CONFIG_MOUNT}/topology.yaml"
+PLAN_MOUNT = f"{CONFIG_MOUNT}/{PLAN_FILE}"
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class LaunchSpec:
     plan: Plan
     topology_path: str  # where the topology file is on the cluster's nodes
     topology_text: str  # the file as the user wrote it: relative paths resolve on the cluster
+    plan_path: str = PLAN_FILE  # where `deploy` put plan.json, as the nodes see it
     max_restarts: int = 3
     image: str = "dinodist:latest"
     namespace: str | None = None
@@ -80,7 +87,7 @@ def torchrun_argv(spec: LaunchSpec, nproc: str, head: str) -> list[str]:
         f"--rdzv-endpoint={head}:{RDZV_PORT}",
         f"--rdzv-id={spec.job}",
         f"--max-restarts={spec.max_restarts}",
-        "-m", "dinodist.orchestrator.rank", spec.topology_path,
+        "-m", RANK_MODULE, spec.topology_path, "--plan", spec.plan_path,
     ]
 
 
@@ -200,9 +207,9 @@ def k8s_manifests(spec: LaunchSpec, kind: str = "trainjob") -> str:
             f"{spec.topology.cluster.devices_per_node} (Kubernetes runs the same rank count per pod); "
             "pin group devices or change cluster.devices_per_node"
         )
-    topo_text = spec.topology_text
     config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(spec, f"{spec.job}-topology"),
-              "data": {"topology.yaml": topo_text}}
+              "data": {"topology.yaml": spec.topology_text,
+                       PLAN_FILE: json.dumps(spec.plan.to_dict(), indent=1)}}
     ports = [{"name": "control", "port": spec.control_port}, {"name": "rdzv", "port": RDZV_PORT},
              {"name": "metrics", "port": spec.topology.metrics.port}]
     service = {
@@ -214,8 +221,9 @@ def k8s_manifests(spec: LaunchSpec, kind: str = "trainjob") -> str:
                  "publishNotReadyAddresses": True},
     }
     volume = {"name": "topology", "configMap": {"name": f"{spec.job}-topology"}}
-    mount = {"name": "topology", "mountPath": str(Path(TOPOLOGY_MOUNT).parent), "readOnly": True}
-    command = ["torchrun", f"--max-restarts={spec.max_restarts}", "-m", "dinodist.orchestrator.rank", TOPOLOGY_MOUNT]
+    mount = {"name": "topology", "mountPath": CONFIG_MOUNT, "readOnly": True}
+    command = ["torchrun", f"--max-restarts={spec.max_restarts}", "-m", RANK_MODULE, TOPOLOGY_MOUNT,
+               "--plan", PLAN_MOUNT]
     annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(spec.topology.metrics.port)}
     if kind == "trainjob":
         job = {
@@ -270,7 +278,7 @@ def write_launch_files(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DinodistError(f"--out: cannot create {out}: {exc.strerror}") from None
-    paths = []
+    paths = [write_plan(out, spec.plan.to_dict())]
     for name, text in files.items():
         p = out / name
         p.write_text(text)

@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dinodist.core.config import (
+    Overrides,
+    apply_overrides,
+    read_yaml_mapping,
+    validation_error_line,
+)
 from dinodist.core.errors import DinodistError
+from dinodist.core.losses.memory import DEFAULT_CHUNK_ROWS
 from dinodist.core.models.arch import (
     PAPER_DINO_HEAD,
     PAPER_IBOT_HEAD,
@@ -145,7 +151,7 @@ class Train(_Strict):
     # any size is allowed and the allocator can match iteration times at batches like 4096 = 2^12
     even_batches: bool = True
     # rows per chunk of the prototype losses (the [rows, K] logits are never all live); 0: unchunked
-    loss_chunk_rows: int = Field(4096, ge=0)
+    loss_chunk_rows: int = Field(DEFAULT_CHUNK_ROWS, ge=0)
 
 
 class Metrics(_Strict):
@@ -153,10 +159,24 @@ class Metrics(_Strict):
 
 
 class Control(_Strict):
-    bind: str = "127.0.0.1"
-    port: int = Field(0, ge=0, le=65535)
-    secret_env: str | None = None  # name of the environment variable holding the shared secret
-    heartbeat_timeout_s: float = Field(10.0, gt=0)
+    """The control plane (orchestrator/control.py, docs/control-plane.md): the one schema of its
+    settings; the server, the launcher and every rank read them from here."""
+
+    bind: str = "127.0.0.1"  # the server's interface; anything but loopback needs secret_env
+    port: int = Field(0, ge=0, le=65535)  # 0: any free port (local runs); deploy uses 29600 then
+    secret_env: str | None = None  # environment variable holding the shared HMAC secret
+    heartbeat_interval_s: float = Field(0.5, gt=0)  # how often a rank says it is alive
+    heartbeat_timeout_s: float = Field(10.0, gt=0)  # silence after which a rank counts as dead
+    register_timeout_s: float | None = Field(300.0, gt=0)  # a rank that never registers; null: wait
+    on_failure: Literal["stop", "restart_group"] = "stop"  # restart_group is refused (not built yet)
+    grace_s: float = Field(5.0, ge=0)  # after a failure: SIGKILL ranks still alive this long after `stop`
+
+    @model_validator(mode="after")
+    def _heartbeat_below_timeout(self) -> Control:
+        if self.heartbeat_interval_s >= self.heartbeat_timeout_s:
+            raise ValueError(f"heartbeat_interval_s {self.heartbeat_interval_s:g} must be below "
+                             f"heartbeat_timeout_s {self.heartbeat_timeout_s:g}")
+        return self
 
 
 class Store(_Strict):
@@ -241,45 +261,12 @@ def _default_heads(arch: str) -> tuple[HeadSpec, HeadSpec]:
 
 
 # ---------------------------------------------------------------------------------------------
-# errors
-
-
-def format_loc(loc: Sequence[Any]) -> str:
-    """('students', 1, 'arch') -> 'students[1].arch'."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def validation_error_line(exc: ValidationError) -> str:
-    """The first pydantic error as one line: `field.path: message`."""
-    err = exc.errors()[0]
-    loc = list(err.get("loc", ()))
-    kind = err.get("type", "")
-    if kind == "extra_forbidden" and loc:
-        key = loc.pop()
-        return f"{format_loc(loc) or 'topology'}: unknown key {key!r}"
-    msg = str(err.get("msg", "invalid value"))
-    msg = msg.removeprefix("Value error, ")
-    if kind == "missing":
-        msg = "required field is missing"
-    if kind.endswith("_type") and "input" in err:
-        msg = f"{msg}, got {type(err['input']).__name__} {err['input']!r}"
-    where = format_loc(loc) or "topology"
-    return " ".join(f"{where}: {msg}".split())  # pydantic messages can carry newlines
-
-
-# ---------------------------------------------------------------------------------------------
 # loading
 
 
 def load_topology(
     path: str | Path,
-    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    overrides: Overrides = None,
     *,
     check_paths: bool = True,
 ) -> Topology:
@@ -290,20 +277,7 @@ def load_topology(
     existence check of the teacher checkpoint (used by `deploy`, which writes files for another
     machine).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DinodistError(f"{path}: topology file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise DinodistError(f"{path}{line}: invalid YAML: {problem}") from None
-    if not isinstance(raw, dict):
-        raise DinodistError(f"{path}: a topology must be a YAML mapping, got {type(raw).__name__}")
-    for key, value in _parse_overrides(overrides):
-        _apply_override(raw, key, value)
+    raw = apply_overrides(read_yaml_mapping(path, "topology"), overrides)
     return parse_topology(raw, check_paths=check_paths)
 
 
@@ -316,45 +290,6 @@ def parse_topology(raw: dict[str, Any], *, check_paths: bool = True) -> Topology
     _resolve(topo, check_paths)
     check_topology(topo)
     return topo
-
-
-def _parse_overrides(overrides: Mapping[str, Any] | Sequence[str] | None) -> list[tuple[str, Any]]:
-    if not overrides:
-        return []
-    if isinstance(overrides, Mapping):
-        return list(overrides.items())
-    pairs = []
-    for item in overrides:
-        key, sep, value = str(item).partition("=")
-        if not sep or not key:
-            raise DinodistError(f"override {item!r}: expected KEY=VALUE, e.g. train.iterations=10")
-        pairs.append((key.strip(), yaml.safe_load(value)))
-    return pairs
-
-
-def _apply_override(raw: dict, key: str, value: Any) -> None:
-    parts: list[str | int] = []
-    for tok in re.findall(r"[^.\[\]]+|\[\d+\]", key):
-        parts.append(int(tok[1:-1]) if tok.startswith("[") else (int(tok) if tok.isdigit() else tok))
-    if not parts:
-        raise DinodistError(f"override {key!r}: empty key")
-    node: Any = raw
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(part, int):
-            if not isinstance(node, list) or not -len(node) <= part < len(node):
-                raise DinodistError(f"override {key!r}: index {part} out of range")
-            if last:
-                node[part] = value
-            else:
-                node = node[part]
-        else:
-            if not isinstance(node, dict):
-                raise DinodistError(f"override {key!r}: {part!r} is not inside a mapping")
-            if last:
-                node[part] = value
-            else:
-                node = node.setdefault(part, {})
 
 
 def discover_device() -> str:
@@ -513,3 +448,28 @@ def check_topology(topo: Topology) -> None:
         )
     if n_auto == 0 and n_fixed < total:
         log.info("%d of %d devices are not used by any group", total - n_fixed, total)
+
+
+def check_runnable(topo: Topology) -> None:
+    """Refuse settings that `plan` models but the runtime does not apply yet (one line each).
+
+    `dinodist plan` accepts them: the paper topology is planned with activation checkpointing, which
+    is how it fits. Everything that starts ranks (distill, add-student, deploy, the rank program
+    itself) calls this first, so a plan never silently assumes what the run will not do.
+    """
+    for i, s in enumerate(topo.students):
+        if s.activation_checkpointing:
+            raise DinodistError(
+                f"students[{i}].activation_checkpointing: not applied by the runtime yet (the plan's "
+                "memory assumes it); set it to false to run"
+            )
+        if s.shard != "fsdp":
+            raise DinodistError(
+                f"students[{i}].shard: {s.shard!r} is not applied by the runtime yet (every student group "
+                "runs FSDP2); use fsdp"
+            )
+    if topo.control.on_failure != "stop":
+        raise DinodistError(
+            f"control.on_failure: {topo.control.on_failure!r} is not supported yet; use 'stop' "
+            "(see docs/control-plane.md)"
+        )

@@ -38,22 +38,23 @@ from dinodist.core.losses import (
     sinkhorn_knopp,
     sinkhorn_knopp_chunked,
 )
-from dinodist.core.losses.chunked import DEFAULT_CHUNK_ROWS
 from dinodist.core.targets import HEADS
 
 N_GLOBAL = 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LossConfig:
-    teacher_temp: float = 0.07
-    student_temp: float = 0.1
+    """A student's loss settings; defaults as for StudentOptim: the topology's, except recipe constants."""
+
+    teacher_temp: float
+    student_temp: float
+    ibot_weight: float
+    koleo_weight: float
+    # rows per chunk of the prototype losses (train.loss_chunk_rows); 0: full logits
+    loss_chunk_rows: int
     dino_weight: float = 1.0
     local_dino_weight: float = 1.0
-    ibot_weight: float = 1.0
-    koleo_weight: float = 0.1
-    # rows per chunk of the prototype losses (train.loss_chunk_rows, same default); 0: full logits
-    loss_chunk_rows: int = DEFAULT_CHUNK_ROWS
 
     def __post_init__(self) -> None:
         if self.loss_chunk_rows < 0:

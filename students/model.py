@@ -1,9 +1,10 @@
-"""A student: backbone + fresh DINO/iBOT heads with the teacher's head dims, its EMA, its optimizer.
+"""A student: backbone + fresh DINO/iBOT heads with the teacher's head dims, its EMA, its lr schedule.
 
 The student module is the FSDP2 root: its `forward` runs the multi-crop backbone pass and both
 heads, so the root unit's parameters (patch embed, tokens, norms) are unsharded by FSDP's hook.
 Blocks and heads are their own units. `features` targets replace the heads by a linear
-projection to the teacher's width.
+projection to the teacher's width. The optimizer, clipping and EMA update are core/train's, as
+in the SSL stages.
 """
 
 from __future__ import annotations
@@ -14,21 +15,26 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dinodist.core.errors import DinodistError
 from dinodist.core.models import HeadSpec, build_backbone, build_head
 from dinodist.core.targets import HEADS
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StudentOptim:
-    lr: float = 1e-3
-    weight_decay: float = 0.04
-    warmup_iterations: int = 0
-    layerwise_decay: float = 0.99
+    """A student's optimisation settings.
+
+    The topology's `train:` (orchestrator/topology.py) states their defaults; only the recipe constants
+    it does not expose have one here.
+    """
+
+    lr: float
+    weight_decay: float
+    warmup_iterations: int
+    layerwise_decay: float
+    clip_grad: float  # 0: no clipping
+    ema: float
     patch_embed_lr_mult: float = 0.2
     betas: tuple[float, float] = (0.9, 0.999)
-    clip_grad: float = 3.0
-    ema: float = 0.994
 
 
 class Student(nn.Module):
@@ -100,48 +106,8 @@ def make_ema(student: nn.Module) -> nn.Module:
     return ema
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    # sharded parameters are DTensors: the EMA is elementwise, so each rank updates its own shard
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, student: nn.Module, momentum: float) -> None:
-    """ema = m * ema + (1 - m) * student over all parameters (backbone and heads)."""
-    e = [_local(p) for p in ema.parameters()]
-    s = [_local(p.detach()) for p in student.parameters()]
-    torch._foreach_lerp_(e, s, 1.0 - momentum)
-
-
-def build_optimizer(student: Student, depth: int, cfg: StudentOptim) -> torch.optim.AdamW:
-    """AdamW with the official param groups (layer-wise decay, patch-embed x0.2, no wd on norms/biases)."""
-    try:
-        from dinodist.core.ssl.optim import param_groups
-    except ImportError:  # the SSL package is optional for distillation-only installs
-        param_groups = None
-    if param_groups is not None:
-        groups = param_groups(student, depth, cfg.layerwise_decay, cfg.patch_embed_lr_mult)
-    else:
-        def no_wd(n: str) -> bool:
-            return n.endswith("bias") or "norm" in n or "gamma" in n
-
-        decay = [p for n, p in student.named_parameters() if not no_wd(n)]
-        no_decay = [p for n, p in student.named_parameters() if no_wd(n)]
-        groups = [{"params": decay, "lr_mult": 1.0, "wd_mult": 1.0},
-                  {"params": no_decay, "lr_mult": 1.0, "wd_mult": 0.0}]
-    if not groups:
-        raise DinodistError("student has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, weight_decay=0.0, foreach=True)
-
-
 def lr_at(iteration: int, cfg: StudentOptim) -> float:
     """Linear warmup from 0 to `lr`, then constant (the distilled recipe's shape)."""
     if cfg.warmup_iterations > 0 and iteration < cfg.warmup_iterations:
         return cfg.lr * iteration / cfg.warmup_iterations
     return cfg.lr
-
-
-def set_hyperparams(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
-    for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_mult", 1.0)
-        g["weight_decay"] = wd * g.get("wd_mult", 1.0)

@@ -1,7 +1,7 @@
-"""The loop of one student rank: targets for its rows -> losses -> step -> EMA -> metrics.
+"""The loop of one student rank: targets for its rows -> losses -> step -> EMA -> metrics -> checkpoints.
 
 The same loop serves a live teacher (P2P receives posted one iteration ahead), an inline teacher
-(orchestrator/inline.py) and a target-store replay: only the `TargetSource` differs, which is
+(orchestrator/runtime/inline.py) and a target-store replay: only the `TargetSource` differs, which is
 what makes those runs comparable loss for loss.
 
 Uneven shares (`train.even_batches: false`): rank r of d owns rank_rows(G, d, r); its loss, a mean
@@ -9,44 +9,44 @@ over its rows, is multiplied by core.targets.loss_scale (rows * d / G) before ba
 averages gradients over the d ranks: the group then steps on the full-batch gradient, as one rank
 holding all G rows would. metrics.jsonl reports the unscaled group-level terms, each the
 rows-weighted mean of the ranks' terms (= the term over the whole batch; the plain mean when even).
+
+The optimizer step (core/train/update.py) and the checkpoints (core/checkpoint.py, on the group's
+process group: `<group_dir>/ckpt/<iteration>/` holding student, EMA and optimizer) are the SSL stages'.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from dinodist.core.checkpoint import save_checkpoint
 from dinodist.core.data.augment import CropConfig
 from dinodist.core.data.loader import BatchLoader
 from dinodist.core.data.sources import build_source
 from dinodist.core.errors import DinodistError
 from dinodist.core.models import HeadSpec, build_backbone, load_backbone_state, save_backbone
 from dinodist.core.targets import HEADS, TargetSource, crop_major, loss_scale, masks_from_collated, rank_rows
+from dinodist.core.train.metrics import open_metrics, write_record
+from dinodist.core.train.optim import build_optimizer
+from dinodist.core.train.update import optimizer_step
 from dinodist.students.loss import LossConfig, attach_chunked_losses, chunked_heads_loss, distill_loss
-from dinodist.students.model import (
-    StudentOptim,
-    build_optimizer,
-    build_student,
-    ema_update,
-    lr_at,
-    make_ema,
-    set_hyperparams,
-    shard_student,
-)
+from dinodist.students.model import StudentOptim, build_student, lr_at, make_ema, shard_student
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StudentJob:
-    """Everything one student group needs; built from the topology by the orchestrator."""
+    """Everything one student group needs; built from the topology by the orchestrator.
+
+    No defaults: the topology (orchestrator/topology.py) states them, and the orchestrator passes every field.
+    """
 
     name: str
     arch: str
@@ -56,16 +56,16 @@ class StudentJob:
     global_batch: int
     iterations: int
     out_dir: Path
-    overrides: dict = field(default_factory=dict)
-    dino_head: HeadSpec | None = None
-    ibot_head: HeadSpec | None = None
-    teacher_dim: int = 0
-    seed: int = 0
-    mask_prob: float = 0.5
-    mask_ratio: tuple[float, float] = (0.1, 0.5)
-    optim: StudentOptim = field(default_factory=StudentOptim)
-    loss: LossConfig = field(default_factory=LossConfig)
-    checkpoint_every: int | None = None
+    overrides: dict
+    dino_head: HeadSpec | None  # None for features targets
+    ibot_head: HeadSpec | None
+    teacher_dim: int
+    seed: int
+    mask_prob: float
+    mask_ratio: tuple[float, float]
+    optim: StudentOptim
+    loss: LossConfig
+    checkpoint_every: int | None
 
     @property
     def group_dir(self) -> Path:
@@ -108,15 +108,6 @@ def _check_rows(job: StudentJob, ctx: GroupContext) -> None:
         )
 
 
-def _clip(student: torch.nn.Module, max_norm: float) -> None:
-    if max_norm <= 0:
-        return
-    for sub in student.children():
-        params = [p for p in sub.parameters() if p.grad is not None]
-        if params:
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-
 def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str, torch.Tensor] | None,
                   ctx: GroupContext, report: Report | None = None) -> dict:
     """Train for `job.iterations`; returns the rank's totals. Group rank 0 writes metrics and exports."""
@@ -132,7 +123,11 @@ def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str,
     chunked = job.kind == HEADS and job.loss.loss_chunk_rows > 0
     if chunked:
         attach_chunked_losses(student)
-    optimizer = build_optimizer(student, depth, job.optim)
+    opt = job.optim
+    optimizer = build_optimizer(student, depth, layerwise_decay=opt.layerwise_decay,
+                                patch_embed_lr_mult=opt.patch_embed_lr_mult, betas=opt.betas)
+    # the checkpoint's model: both towers under one root, so their keys are "student.*" and "ema.*"
+    towers = torch.nn.ModuleDict({"student": student, "ema": ema})
     if last_layers is not None:
         last_layers = {k: v.to(ctx.device) for k, v in last_layers.items()}
     source = build_source(job.source)
@@ -142,7 +137,7 @@ def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str,
     writer = None
     if ctx.group_rank == 0:
         group_dir.mkdir(parents=True, exist_ok=True)
-        writer = open(group_dir / "metrics.jsonl", "w", buffering=1)
+        writer = open_metrics(group_dir / "metrics.jsonl")
     rows = ctx.stop - ctx.start
     scale = loss_scale(rows, ctx.group_size, job.global_batch)
     totals = {"iterations": 0, "images": 0, "step_seconds": 0.0, "wait_seconds": 0.0,
@@ -170,13 +165,10 @@ def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str,
                                            job.loss, group=sk_group)
             if not torch.isfinite(loss):
                 raise DinodistError(f"group {job.name}: loss is {float(loss)} at iteration {it}")
-            set_hyperparams(optimizer, lr_at(it, job.optim), job.optim.weight_decay)
-            optimizer.zero_grad(set_to_none=True)
-            # x 1.0 (skipped) with even shares; see the module docstring for why uneven ones need it
-            (loss * scale if scale != 1.0 else loss).backward()
-            _clip(student, job.optim.clip_grad)
-            optimizer.step()
-            ema_update(ema, student, job.optim.ema)
+            # loss_scale: 1.0 with even shares; see the module docstring for why uneven ones need it
+            optimizer_step(loss, optimizer, student, ema, lr=lr_at(it, opt), wd=opt.weight_decay,
+                           clip_grad=opt.clip_grad if opt.clip_grad > 0 else None, momentum=opt.ema,
+                           loss_scale=scale, measure_norms=False)
             step = time.perf_counter() - t0
             terms["loss"] = float(loss.detach())
             terms = _reduce_rows(terms, ctx, job.global_batch)
@@ -188,15 +180,14 @@ def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str,
             if writer is not None:
                 line = {"iteration": it, "loss": group_loss, **terms, "step_seconds": step,
                         "wait_seconds": wait, "images": job.global_batch}
-                writer.write(json.dumps(line) + "\n")
-            ckpt_dir = group_dir / "ckpt" / f"{it + 1:08d}"
+                write_record(writer, line)
             if job.checkpoint_every and (it + 1) % job.checkpoint_every == 0:
-                save_checkpoint(ckpt_dir, student, ema, optimizer, it + 1, ctx)
+                _checkpoint(job, ctx, towers, optimizer, it + 1)
             if report is not None:
                 cmd = report({"iteration": it, "step_seconds": step, "wait_seconds": wait, "images": rows,
                               "losses": {"total": group_loss, **terms}})
                 if cmd == "checkpoint":
-                    save_checkpoint(ckpt_dir, student, ema, optimizer, it + 1, ctx)
+                    _checkpoint(job, ctx, towers, optimizer, it + 1)
                 elif cmd == "stop":
                     raise DinodistError(f"group {job.name}: stopped by the orchestrator at iteration {it}")
     finally:
@@ -207,15 +198,11 @@ def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str,
     return totals
 
 
-def save_checkpoint(path: Path, student, ema, optimizer, iteration: int, ctx: GroupContext) -> None:
-    """Sharded (DCP) checkpoint of student, EMA and optimizer, written by every rank of the group."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_sd, optim_sd = get_state_dict(student, optimizer)
-    state = {"student": model_sd, "ema": ema.state_dict(), "optimizer": optim_sd,
-             "iteration": torch.tensor(iteration)}
-    dcp.save(state, checkpoint_id=str(path), process_group=ctx.group)
+def _checkpoint(job: StudentJob, ctx: GroupContext, towers: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                iteration: int) -> None:
+    """`<group_dir>/ckpt/<iteration>/` on every rank of the group; students keep every checkpoint for now."""
+    save_checkpoint(job.group_dir / "ckpt", iteration, towers, optimizer, meta={"group": job.name}, keep=None,
+                    group=ctx.group)
 
 
 def export_backbone(ema: torch.nn.Module, arch: str, overrides: dict, path: Path, ctx: GroupContext) -> None:

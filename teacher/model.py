@@ -12,10 +12,8 @@ Accepted checkpoints:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from dinodist.core.errors import DinodistError
 from dinodist.core.models import ArchSpec, HeadSpec, build_backbone, build_head, load_backbone_state
 from dinodist.core.models.arch import get_arch
 from dinodist.core.models.io import load_file
+from dinodist.core.target_store.format import file_sha256
 from dinodist.core.targets import FEATURES, HEADS
 
 log = logging.getLogger(__name__)
@@ -65,14 +64,6 @@ class LoadedTeacher:
             "dino_last_layer.weight": (self.dino_head.n_prototypes, self.dino_head.bottleneck_dim),
             "ibot_last_layer.weight": (self.ibot_head.n_prototypes, self.ibot_head.bottleneck_dim),
         }
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _head_spec(value, default: HeadSpec, where: str) -> HeadSpec:
@@ -135,7 +126,8 @@ def load_teacher(arch: str, overrides: dict | None, checkpoint: str | None, kind
 
     path = Path(checkpoint)
     obj = load_file(path, "teacher.checkpoint")
-    identity = file_sha256(path)
+    # the bare digest: teacher/run.py adds the "sha256:" of a manifest's teacher_hash itself
+    identity = file_sha256(path).removeprefix("sha256:")
     if isinstance(obj, dict) and isinstance(obj.get("teacher"), dict):
         side = read_sidecar(path) or {}
         spec = _spec_from_sidecar(side, spec, path)

@@ -24,7 +24,7 @@ import json
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +32,6 @@ import torch.distributed as dist
 
 from dinodist.core.data.augment import CropConfig
 from dinodist.core.data.loader import BatchLoader
-from dinodist.core.data.masking import sample_masks
 from dinodist.core.data.sampler import global_batch
 from dinodist.core.data.sources import build_source
 from dinodist.core.errors import DinodistError
@@ -41,9 +40,9 @@ from dinodist.core.target_store import StoreWriter, file_sha256
 from dinodist.core.targets import (
     HEADS,
     ExchangePlan,
+    MaskCounter,
     concat,
     dims_of,
-    ibot_counts,
     post_recv_block,
     send_block,
     send_last_layers,
@@ -54,8 +53,11 @@ from dinodist.teacher.model import last_layers, load_teacher, shard_teacher
 from dinodist.teacher.targets import compute_targets
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TeacherJob:
+    """Everything the teacher group needs; built from the topology by the rank runtime, which states
+    no defaults of its own (orchestrator/runtime/jobs.py; the topology is where defaults live)."""
+
     arch: str
     kind: str
     source: str
@@ -63,17 +65,17 @@ class TeacherJob:
     global_batch: int
     iterations: int
     out_dir: Path
-    overrides: dict = field(default_factory=dict)
-    checkpoint: str | None = None
-    shard: str = "fsdp"
-    dino_head: HeadSpec | None = None
-    ibot_head: HeadSpec | None = None
-    seed: int = 0
-    mask_prob: float = 0.5
-    mask_ratio: tuple[float, float] = (0.1, 0.5)
-    prefetch_depth: int = 1
-    store: dict | None = None  # {"path", "dtype", "retain": int | None}: write a target store
-    topology: str = ""  # topology name, recorded in the store manifest
+    overrides: dict
+    checkpoint: str | None
+    shard: str
+    dino_head: HeadSpec | None
+    ibot_head: HeadSpec | None
+    seed: int
+    mask_prob: float
+    mask_ratio: tuple[float, float]
+    prefetch_depth: int
+    store: dict | None  # {"path", "dtype", "retain": int | None}: write a target store
+    topology: str  # topology name, recorded in the store manifest
 
 
 # Local-crop settings do not change what the teacher computes (it sees global crops only, and
@@ -146,13 +148,8 @@ def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh,
                          loaded.spec.patch_size, mask_prob=job.mask_prob, mask_ratio=job.mask_ratio)
     num_samples = len(source)
     grid = (job.crops.global_size // loaded.spec.patch_size,) * 2
+    counts_of = MaskCounter(job.global_batch, num_samples, job.seed, grid, job.mask_prob, job.mask_ratio)
     pending = None  # rank 0 with a store: (its targets of iteration t, the posted receives of t)
-
-    def counts_of(it: int, a: int, b: int) -> torch.Tensor | None:
-        if job.kind != HEADS:
-            return None
-        ids, seeds = global_batch(it, job.global_batch, num_samples, job.seed)
-        return ibot_counts(sample_masks(ids[a:b], seeds[a:b], grid, job.mask_prob, job.mask_ratio))
 
     out_dir = Path(job.out_dir) / "teacher"
     in_flight: deque[list] = deque()
@@ -183,7 +180,8 @@ def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh,
                 if pending is not None:
                     _append_record(store, job, *pending, num_samples)
                 pending = (targets, [post_recv_block(dims_of(targets), src, it, *exchange.teacher_rows(src),
-                                                     counts_of(it, *exchange.teacher_rows(src)), device)
+                                                     counts_of(it, *exchange.teacher_rows(src))
+                                                     if job.kind == HEADS else None, device)
                                      for src in teacher_ranks[1:]])
             store_s = time.perf_counter() - ts
             in_flight.append(works)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from benchmarks.official_colocated import main as cost_main
 from dinodist.core.errors import DinodistError
 from dinodist.orchestrator.allocate import (
     allowed_devices,
@@ -31,7 +32,6 @@ from dinodist.orchestrator.cost import (
     student_flops_per_image,
     teacher_flops_per_image,
 )
-from dinodist.orchestrator.cost import main as cost_main
 from dinodist.orchestrator.topology import load_topology, parse_topology
 
 # cpu-demo.yaml names the teacher the README command makes first; tests run without it.

@@ -9,7 +9,6 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import msgpack
 import pytest
@@ -19,6 +18,7 @@ from dinodist.core.control import messages as m
 from dinodist.core.control.client import ControlClient
 from dinodist.core.errors import DinodistError
 from dinodist.orchestrator.control import ControlServer, server_from_config, supervise
+from dinodist.orchestrator.topology import Control
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parent.parent
@@ -298,7 +298,7 @@ def test_failure_policy_and_config(monkeypatch):
     with pytest.raises(DinodistError, match="control.on_failure: 'restart_group' is not supported"):
         ControlServer(on_failure="restart_group")
     monkeypatch.delenv("DINODIST_TEST_SECRET", raising=False)
-    cfg = SimpleNamespace(bind="0.0.0.0", port=0, secret_env="DINODIST_TEST_SECRET", heartbeat_timeout_s=3.0)
+    cfg = Control(bind="0.0.0.0", port=0, secret_env="DINODIST_TEST_SECRET", heartbeat_timeout_s=3.0)
     with pytest.raises(DinodistError, match="control.secret_env: environment variable DINODIST_TEST_SECRET"):
         server_from_config(cfg, {0: "g"})
     monkeypatch.setenv("DINODIST_TEST_SECRET", "s" * 32)
@@ -339,6 +339,7 @@ def _spawn(address: str, rank: int, mode: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", CHILD, address, str(rank), mode], env=env)
 
 
+@pytest.mark.multiproc
 def test_supervise_stops_the_job_and_kills_a_hung_rank():
     expected = {0: "vits", 1: "vitb"}
     with ControlServer(expected=expected, heartbeat_timeout_s=1.0, register_timeout_s=30) as srv:
@@ -359,6 +360,7 @@ def test_supervise_stops_the_job_and_kills_a_hung_rank():
         assert st[0].status == "done" and st[0].exit_code == 0 and st[1].status == "dead"
 
 
+@pytest.mark.multiproc
 def test_crashed_process_is_detected_without_the_launcher():
     with ControlServer(expected={1: "vitb"}, heartbeat_timeout_s=30.0) as srv:
         proc = _spawn(srv.address, 1, "crash")

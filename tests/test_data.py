@@ -303,6 +303,7 @@ def _in_child(ids, seeds):
     return {k: v.numpy() for k, v in crops.items()}, masks.numpy()
 
 
+@pytest.mark.multiproc
 def test_crops_and_masks_bit_identical_in_another_process():
     ids, seeds = [5, 2, 7], [123, 456, 789]
     with multiprocessing.get_context("spawn").Pool(1) as pool:
@@ -356,3 +357,22 @@ def test_loader_rows_prefetch_and_cache():
         BatchLoader(src, TINY, 4, 1, rows=slice(0, 4), patch_size=5)
     with pytest.raises(DinodistError, match="rows"):
         BatchLoader(src, TINY, 4, 1, rows=slice(3, 3), patch_size=8)
+
+
+def test_mask_counter_equals_the_loaders_masks():
+    # a receiver derives a peer's iBOT counts without loading a pixel: they must be the loader's
+    from dinodist.core.targets import MaskCounter, ibot_counts, masks_from_collated
+
+    src = _ListSource(_images(7))
+    loader = BatchLoader(src, TINY, global_batch_size=6, seed=3, rows=slice(2, 5), patch_size=8, prefetch=0,
+                         mask_prob=0.9, mask_ratio=(0.2, 0.6))
+    counter = MaskCounter(6, len(src), 3, loader.grid, 0.9, (0.2, 0.6))
+    try:
+        for t in range(5):
+            want = ibot_counts(masks_from_collated(loader.build(t)["collated_masks"]))
+            assert torch.equal(counter(t, 2, 5), want)
+            assert want.sum() > 0
+        other = MaskCounter(6, len(src), 4, loader.grid, 0.9, (0.2, 0.6))
+        assert not all(torch.equal(other(t, 2, 5), counter(t, 2, 5)) for t in range(5))
+    finally:
+        loader.close()

@@ -48,7 +48,7 @@ def run(cmd: list[str]) -> None:
 
 def _inline(topology_path: str, out: str) -> None:
     torch.set_num_threads(1)
-    from dinodist.orchestrator.inline import main
+    from dinodist.orchestrator.runtime.inline import main
 
     os._exit(main([topology_path, "--student", "tiny-vits", "--out", out]))
 
@@ -57,6 +57,7 @@ def trajectory(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(240)
 def test_student_trajectory_same_with_others_alone_and_inline(tmp_path):
     crowd = topology(tmp_path / "crowd.yaml", 2, "fsdp", ["tiny-vits", "tiny-vitb"])
@@ -64,7 +65,8 @@ def test_student_trajectory_same_with_others_alone_and_inline(tmp_path):
     cli = [sys.executable, "-m", "dinodist.orchestrator.cli", "distill"]
     run([*cli, str(crowd), "--out", str(tmp_path / "a"), "--metrics-port", "0"])
     run([*cli, str(alone), "--out", str(tmp_path / "b"), "--metrics-port", "0"])
-    # the inline run in a forked child: same code as `python -m dinodist.orchestrator.inline`, no re-import
+    # the inline run in a forked child: same code as `python -m dinodist.orchestrator.runtime.inline`,
+    # without a re-import
     child = mp.get_context("fork").Process(target=_inline, args=(str(alone), str(tmp_path / "c")))
     child.start()
     child.join(150)

@@ -168,6 +168,7 @@ def test_crop_major_rejects_other_masks():
         crop_major(truth, other)
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(120)
 def test_p2p_exchange_three_groups_pipelined():
     # 2 teacher ranks (6 rows each); group a: 3 ranks (4 rows, rank 3 straddles both teachers);
@@ -191,6 +192,7 @@ def _mismatch_worker(rank: int) -> None:
         source.get(0)
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(60)
 def test_p2p_header_mismatch_is_a_clear_error():
     assert _spawn(_mismatch_worker, 2) == [0, 0]

@@ -173,6 +173,25 @@ def test_gram_loss_identities():
     assert t.grad is None and s.grad.abs().sum() > 0
 
 
+def test_gram_loss_takes_the_flattened_batch():
+    # the official loss is called on [B*N, D] patch features: same loss and gradient as [B, N, D]
+    torch.manual_seed(9)
+    for kwargs in ({}, {"remove_neg": True}, {"remove_only_teacher_neg": True}):
+        s3 = torch.randn(3, 5, 4, requires_grad=True)
+        s2 = s3.detach().reshape(15, 4).requires_grad_()
+        t = torch.randn(3, 5, 4)
+        l3 = gram_loss(s3, t, img_level=False, **kwargs)
+        l2 = gram_loss(s2, t.reshape(15, 4), img_level=False, **kwargs)
+        assert torch.equal(l3, l2)
+        l3.backward()
+        l2.backward()
+        assert torch.equal(s3.grad.reshape(15, 4), s2.grad)
+    # image-level Grams need the image axis: a flattened batch is refused in one line
+    with pytest.raises(DinodistError, match=r"img_level=True.*\[B, P, D\], got \[15, 4\]") as err:
+        gram_loss(s2, t.reshape(15, 4), img_level=True)
+    assert "\n" not in str(err.value)
+
+
 def test_resize_gram_teacher():
     torch.manual_seed(8)
     feats = torch.randn(2, 16, 3)

@@ -81,6 +81,7 @@ def _worker(rank: int, port: int, errfile: str) -> None:
         raise
 
 
+@pytest.mark.multiproc
 def test_distributed_losses_match_single_process(tmp_path):
     errfile = str(tmp_path / "err")
     ctx = mp.start_processes(

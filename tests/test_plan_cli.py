@@ -27,6 +27,7 @@ def test_cli_rejects_broken_topology(path, capsys):
     assert expected(path) in lines[0]
 
 
+@pytest.mark.multiproc
 def test_cli_subprocess_one_line_no_traceback():
     # the real entry point, once: exit status 2, a single stderr line, no traceback
     path = Path(__file__).parent / "topologies_bad" / "unknown_arch.yaml"

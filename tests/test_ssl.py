@@ -14,10 +14,12 @@ from dinodist.core.errors import DinodistError
 from dinodist.core.ssl import loop as loop_mod
 from dinodist.core.ssl.config import Schedule, config_from_dict
 from dinodist.core.ssl.loop import resolution_index, train
-from dinodist.core.ssl.model import SSLModel, copy_weights, ema_update
-from dinodist.core.ssl.optim import apply_hyperparams, build_optimizer, multipliers, param_groups
+from dinodist.core.ssl.model import SSLModel
+from dinodist.core.ssl.optim import build_optimizer
 from dinodist.core.ssl.schedules import lr_scale_factor, scaled, schedule_value
 from dinodist.core.ssl.step import loss_scales
+from dinodist.core.train.ema import copy_weights, ema_update
+from dinodist.core.train.optim import apply_hyperparams, multipliers, param_groups
 
 HEAD = {"hidden_dim": 32, "bottleneck_dim": 16, "n_prototypes": 64}
 

@@ -63,6 +63,7 @@ def _rank_run(cfg, out, stop_at):
     train(cfg, out, stop_at=stop_at, progress=False)
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(180)
 def test_two_ranks_fsdp2_match_one_rank(tmp_path, folder):
     # No per-rank randomness in the forward (no RoPE rescale, no drop path) and KoLeo off (its neighbours

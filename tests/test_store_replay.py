@@ -106,6 +106,7 @@ def record_range(store: Path, iteration: int) -> tuple[int, int]:
     raise AssertionError(f"iteration {iteration} not in {store}")
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(200)
 def test_replay_reproduces_the_live_student_with_zero_teacher_forwards(live, tmp_path, capsys):
     topo, store, want, run = live
@@ -137,8 +138,10 @@ def test_replay_reproduces_the_live_student_with_zero_teacher_forwards(live, tmp
     assert "teacher forwards: 0" in stdout
 
 
+@pytest.mark.multiproc
 def test_mismatched_store_is_refused_naming_the_field(live, tmp_path, capsys):
-    from dinodist.orchestrator.replay import check_store, replay_topology
+    from dinodist.orchestrator.add_student import replay_topology
+    from dinodist.orchestrator.runtime.replay import check_store
     from dinodist.orchestrator.topology import load_topology
 
     topo, store, _, _ = live
@@ -183,6 +186,7 @@ def test_mismatched_store_is_refused_naming_the_field(live, tmp_path, capsys):
     check_store(StoreReader(store), replay_topology(load_topology(path), STUDENT, None, None), follow=False)
 
 
+@pytest.mark.multiproc
 def test_flipped_byte_stops_the_replay_at_that_iteration(live, tmp_path, capsys):
     topo, store, want, _ = live
     bad = tmp_path / "store"
@@ -204,6 +208,7 @@ def test_flipped_byte_stops_the_replay_at_that_iteration(live, tmp_path, capsys)
     assert "error" in json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.multiproc
 def test_truncated_shard_ends_the_store_at_the_last_complete_record(live, tmp_path, capsys):
     topo, store, _, _ = live
     cut = tmp_path / "store"
@@ -266,6 +271,7 @@ class PacedWriter(threading.Thread):
             self.error = e
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(150)
 def test_follower_catches_up_then_trains_in_step(live, tmp_path, capsys):
     topo, store, want, _ = live
@@ -288,6 +294,7 @@ def test_follower_catches_up_then_trains_in_step(live, tmp_path, capsys):
     assert got[3]["wait_seconds"] >= 0.1  # blocked on the writer (one poll at least)
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(150)
 def test_follower_stops_at_the_last_complete_record_when_the_writer_dies(live, tmp_path, capsys):
     topo, store, want, _ = live

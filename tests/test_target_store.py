@@ -276,6 +276,7 @@ def _live_writer(path: str, n: int, die: bool) -> None:
     w.close()
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(60)
 def test_follow_live_writer_process_until_closed(tmp_path):
     d = str(tmp_path / "live")
@@ -294,6 +295,7 @@ def test_follow_live_writer_process_until_closed(tmp_path):
     assert p.exitcode == 0
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(60)
 def test_follow_killed_writer_times_out_naming_last_iteration(tmp_path):
     d = str(tmp_path / "dead")

@@ -4,14 +4,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dinodist.core.config import format_loc, validation_error_line
 from dinodist.core.errors import DinodistError
 from dinodist.core.models.arch import PAPER_DINO_HEAD, PAPER_IBOT_HEAD, TINY_DINO_HEAD
 from dinodist.orchestrator.topology import (
     Topology,
-    format_loc,
     load_topology,
     parse_topology,
-    validation_error_line,
     warn_if_random_teacher,
 )
 

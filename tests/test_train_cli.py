@@ -114,7 +114,7 @@ def test_cli_errors_are_one_line(tmp_path, config, fmnist, capsys):
     one_line_error(capsys, ["train", str(tmp_path / "nope.yaml")], "nope.yaml", "not found")
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: {lrr: 1}\n")
-    one_line_error(capsys, ["train", str(bad)], "bad.yaml", "optim.lrr")
+    one_line_error(capsys, ["train", str(bad)], "bad.yaml", "optim: unknown key 'lrr'")
     bad.write_text("train: {iterations: many}\n")
     one_line_error(capsys, ["train", str(bad)], "train.iterations")
     one_line_error(capsys, ["train", str(config), "--iterations", "0"], "--iterations")

@@ -158,6 +158,7 @@ def _exchange_worker(rank: int, teachers: list[int], groups: dict) -> None:
             assert torch.equal(got.tensors[k], want.tensors[k]), (rank, it, k)
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(60)
 def test_p2p_exchange_with_uneven_teacher_and_student_shares():
     # teacher 2/3/3 rows; group a 4/4 (rank 3 straddles teacher ranks 0 and 1); group b all 8 rows
@@ -188,7 +189,7 @@ def _topology(path: Path) -> Path:
 
 def _with_chunk_rows(chunk: int):
     """orchestrator.rank.student_job with the student's loss_chunk_rows forced to `chunk`."""
-    from dinodist.orchestrator.rank import student_job
+    from dinodist.orchestrator.runtime.jobs import student_job
 
     def job(topo, name, out):
         j = student_job(topo, name, out)
@@ -209,7 +210,7 @@ def _grad_check(topology: Path, out: Path) -> dict:
     from dinodist.core.data.sources import build_source
     from dinodist.core.distributed import group_mesh
     from dinodist.core.targets import crop_major, masks_from_collated
-    from dinodist.orchestrator.rank import student_job, teacher_job
+    from dinodist.orchestrator.runtime.jobs import student_job, teacher_job
     from dinodist.orchestrator.topology import load_topology
     from dinodist.students.loss import attach_chunked_losses, chunked_heads_loss, distill_loss
     from dinodist.students.model import build_student, shard_student
@@ -270,7 +271,7 @@ def _inline_runs(topology: str, out: str) -> None:
     """Child process: inline runs unchunked and chunked, then the direct gradient check."""
     torch.set_num_threads(1)
     try:
-        import dinodist.orchestrator.inline as inline
+        import dinodist.orchestrator.runtime.inline as inline
 
         real = inline.student_job
         for chunk in (0, CHUNK):
@@ -311,6 +312,7 @@ def runs(tmp_path_factory):
     return base
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(300)
 def test_chunked_losses_equal_unchunked_in_the_inline_loop(runs):
     a = _trajectory(runs / "inline" / "chunk0" / "tiny-vits" / "metrics.jsonl")
@@ -331,6 +333,7 @@ def test_chunked_losses_equal_unchunked_in_the_inline_loop(runs):
         assert torch.allclose(ea[k], eb[k], atol=1e-5), k
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(300)
 def test_chunked_gradients_and_updates_equal_unchunked(runs):
     worst = json.loads((runs / "inline" / "grad.json").read_text())
@@ -339,6 +342,7 @@ def test_chunked_gradients_and_updates_equal_unchunked(runs):
     assert worst["grad"] <= 1e-5 * max(1.0, worst["grad_max"]), worst
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(300)
 def test_uneven_student_group_trains_every_row_once_and_follows_one_rank(runs):
     dist_dir = runs / "dist"

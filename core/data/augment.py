@@ -6,7 +6,7 @@ do not change when `n_local` does. Parameters are drawn first (cheap scalar work
 then batched: one antialiased bicubic resize per crop box, and every colour/blur/solarize/normalise
 step as one tensor op over all crops of the same size.
 
-Official recipe (facts §6): RandomResizedCrop (bicubic) + horizontal flip; ColorJitter(.4, .4, .2, .1)
+Official recipe: RandomResizedCrop (bicubic) + horizontal flip; ColorJitter(.4, .4, .2, .1)
 with p .8 in a random op order; grayscale p .2; Gaussian blur (kernel 9, sigma U(.1, 2)) with the
 *effective* probabilities of the official code (global#1 0, global#2 .9, local .5: the official wraps
 blur with an inverted RandomApply); solarize (threshold 128) p .2 on global#2 only; ImageNet normalise.

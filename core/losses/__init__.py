@@ -1,36 +1,40 @@
-"""Losses: DINO + Sinkhorn-Knopp, iBOT, KoLeo (local and distributed), Gram anchoring. Float32 math."""
+"""Losses: DINO + Sinkhorn-Knopp, iBOT, KoLeo (local and distributed), Gram anchoring. Float32 math.
 
-from dinodist.core.losses.dino import dino_loss
-from dinodist.core.losses.gram import gram_loss, resize_gram_teacher
-from dinodist.core.losses.ibot import ibot_loss
-from dinodist.core.losses.koleo import koleo_loss, koleo_loss_distributed
-from dinodist.core.losses.sinkhorn import sinkhorn_knopp
+The chunked variants (`chunked.py`) recompute the logits over the prototypes per chunk of rows and
+never hold them whole; `memory.py` is their memory estimate in plain Python (no torch), read by the
+planner. Names load on first use (core/lazy.py).
+"""
+
+from dinodist.core.lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "dino_loss": "dino",
+    "gram_loss": "gram",
+    "resize_gram_teacher": "gram",
+    "ibot_loss": "ibot",
+    "koleo_loss": "koleo",
+    "koleo_loss_distributed": "koleo",
+    "sinkhorn_knopp": "sinkhorn",
+    "SinkhornScaling": "chunked",
+    "dino_loss_chunked": "chunked",
+    "ibot_loss_chunked": "chunked",
+    "prototype_cross_entropy_chunked": "chunked",
+    "sinkhorn_knopp_chunked": "chunked",
+    "loss_activation_bytes": "memory",
+})
 
 __all__ = [
+    "SinkhornScaling",
     "dino_loss",
+    "dino_loss_chunked",
     "gram_loss",
     "ibot_loss",
+    "ibot_loss_chunked",
     "koleo_loss",
     "koleo_loss_distributed",
-    "resize_gram_teacher",
-    "sinkhorn_knopp",
-]
-
-# Memory-light variants: logits over the prototypes are recomputed per chunk of rows, never held whole.
-from dinodist.core.losses.chunked import (  # noqa: E402
-    SinkhornScaling,
-    dino_loss_chunked,
-    ibot_loss_chunked,
-    loss_activation_bytes,
-    prototype_cross_entropy_chunked,
-    sinkhorn_knopp_chunked,
-)
-
-__all__ += [
-    "SinkhornScaling",
-    "dino_loss_chunked",
-    "ibot_loss_chunked",
     "loss_activation_bytes",
     "prototype_cross_entropy_chunked",
+    "resize_gram_teacher",
+    "sinkhorn_knopp",
     "sinkhorn_knopp_chunked",
 ]

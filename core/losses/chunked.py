@@ -42,20 +42,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dinodist.core.errors import DinodistError
+from dinodist.core.losses.memory import (
+    DEFAULT_CHUNK_ROWS,
+    DEFAULT_LOSS_CHUNK_ROWS,
+    check_chunk_rows,
+)
 
-# Rows per chunk. Sinkhorn-Knopp holds ~2 x chunk x K floats, the cross-entropies ~4 x chunk x K (DINO:
-# chunks of the images, each with its teacher crops and one student crop), so the losses default to a
-# smaller chunk: 256 x 262,144 prototypes x 4 x 4 bytes = 1 GiB.
-DEFAULT_CHUNK_ROWS = 4096
-DEFAULT_LOSS_CHUNK_ROWS = 256
-FP32_BYTES = 4
-# K-wide fp32 tensors alive at once per chunk row (see `loss_activation_bytes`). DINO global crops: the
-# two teacher crops' probabilities, the student log-probabilities and logsumexp's temporary (the
-# gradient of the backward reuses the log-probabilities' memory); local crops: the mixed target of both
-# teacher crops replaces them (3 while it is formed). iBOT: one teacher row instead of two.
-# Sinkhorn-Knopp: the chunk's logits / exp plus a reduction temporary (2 per row of at most 2x the rows).
-_DINO_WIDE_PER_ROW = 2 + 2
-_IBOT_WIDE_PER_ROW = 1 + 2
 # A prototype's logits are shifted by their max m unless 0 <= m / tau <= 60: exp(60) = 1e26 leaves room
 # for sums over 1e12 rows below fp32's 3e38, and a column max >= exp(0) keeps >= 87 nats above its
 # smallest normal 1e-38 (the shifted case has exactly 87).
@@ -75,11 +67,6 @@ def _all_reduce(x: Tensor, group, op=None) -> Tensor:
 def _chunks(n: int, chunk_rows: int) -> Iterator[slice]:
     for start in range(0, n, chunk_rows):
         yield slice(start, min(start + chunk_rows, n))
-
-
-def _check_chunk_rows(chunk_rows: int) -> None:
-    if int(chunk_rows) < 1:
-        raise DinodistError(f"chunk_rows must be >= 1, got {chunk_rows}")
 
 
 def _check_weight(weight: Tensor, dim: int, name: str, owner: str) -> None:
@@ -159,7 +146,7 @@ def sinkhorn_knopp_chunked(
     if bottleneck.dim() != 2:
         raise DinodistError(f"sinkhorn bottleneck must be [rows, dim], got shape {tuple(bottleneck.shape)}")
     _check_weight(weight, bottleneck.shape[1], "sinkhorn weight", "bottleneck")
-    _check_chunk_rows(chunk_rows)
+    check_chunk_rows(chunk_rows)
     if n_iterations < 0:
         raise DinodistError(f"sinkhorn n_iterations must be >= 0, got {n_iterations}")
     if not temperature > 0:
@@ -377,7 +364,7 @@ def prototype_cross_entropy_chunked(
         )
     s_crops, b, dim = student_bottleneck.shape
     _check_weight(student_weight, dim, "student_weight", "student_bottleneck")
-    _check_chunk_rows(chunk_rows)
+    check_chunk_rows(chunk_rows)
     source = teacher if isinstance(teacher, SinkhornScaling) else _DenseTeacher(teacher)
     if source.n_prototypes != student_weight.shape[0]:
         raise DinodistError(
@@ -468,28 +455,3 @@ def ibot_loss_chunked(
         student_temp, chunk_rows,
     )
     return ce / masks.shape[0]
-
-
-def loss_activation_bytes(rows_dino: int, rows_ibot: int, k_dino: int, k_ibot: int,
-                          chunk_rows: int = DEFAULT_LOSS_CHUNK_ROWS) -> int:
-    """Upper estimate of the peak bytes the chunked DINO + iBOT losses allocate on one rank.
-
-    `rows_dino`: the DINO batch per crop (images on the rank; the teacher has 2x, the student
-    (2 + n_local)x rows), over which the DINO chunks run; passing all DINO rows instead only
-    over-estimates. `rows_ibot`: masked patches on the rank.
-
-    The terms run one after another (teacher Sinkhorn-Knopp, DINO global, DINO local, iBOT, and the
-    same in the backward), so the peak is the largest phase, not their sum. Per chunk row a phase holds
-    K-wide fp32 tensors: DINO 4 (2 teacher crops' probabilities, the student log-probabilities and
-    logsumexp's temporary; local crops hold one mixed target instead of the two crops), iBOT 3,
-    Sinkhorn-Knopp 2 over at most twice the rows, so never more than DINO. Added on top: the [K]
-    factor vectors and per-row factors / weights. Not included: the prototype weights, their gradient,
-    the student bottleneck and its gradient, which are parameter- / activation-sized and counted
-    elsewhere by the cost model (with bf16 prototype weights the losses add an fp32 copy and an fp32
-    gradient of each, K x Db).
-    """
-    _check_chunk_rows(chunk_rows)
-    dino = min(chunk_rows, rows_dino) * k_dino * _DINO_WIDE_PER_ROW
-    ibot = min(chunk_rows, rows_ibot) * k_ibot * _IBOT_WIDE_PER_ROW
-    vectors = 4 * (k_dino + k_ibot) + 4 * (rows_dino + rows_ibot)
-    return FP32_BYTES * (max(dino, ibot) + vectors)

@@ -1,4 +1,4 @@
-"""DINO loss: cross-entropy between student crops and teacher crops over all crop pairs (facts §5)."""
+"""DINO loss: cross-entropy between student and teacher crops over all crop pairs (official formula)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Gram anchoring loss: match the patch-similarity structure of a Gram teacher (facts §5)."""
+"""Gram anchoring loss: match the patch-similarity structure of a Gram teacher (official formula)."""
 
 from __future__ import annotations
 
@@ -17,14 +17,20 @@ def gram_loss(
 ) -> torch.Tensor:
     """MSE between the Gram matrices of L2-normalised student and teacher patch features [B, P, D].
 
-    `img_level`: one [P, P] Gram per image; else one [B*P, B*P] Gram over the batch. `remove_neg`
+    `img_level`: one [P, P] Gram per image; else one [B*P, B*P] Gram over the batch, which also takes the
+    batch already flattened to [B*P, D] (as the official loss does). `remove_neg`
     clamps negative similarities to 0 in both; `remove_only_teacher_neg` zeroes the teacher's negatives
     and the student's where both are negative. The teacher is treated as a constant.
     """
+    want = (3,) if img_level else (2, 3)
+    if student.dim() not in want or teacher.dim() not in want:
+        shapes = f"{list(student.shape)} and {list(teacher.shape)}"
+        per = "[B, P, D]" if img_level else "[B, P, D] or [B*P, D]"
+        raise DinodistError(f"gram_loss(img_level={img_level}): features must be {per}, got {shapes}")
     s = F.normalize(student.float(), dim=-1)
     t = F.normalize(teacher.detach().float(), dim=-1)
     if not img_level:
-        s, t = s.flatten(0, 1), t.flatten(0, 1)
+        s, t = s.flatten(0, -2), t.flatten(0, -2)
     s_gram = s @ s.transpose(-1, -2)
     t_gram = t @ t.transpose(-1, -2)
     if remove_neg:

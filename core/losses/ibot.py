@@ -1,4 +1,4 @@
-"""iBOT loss: per-sample mean cross-entropy on masked patches (facts §5)."""
+"""iBOT loss: per-sample mean cross-entropy on masked patches (official formula)."""
 
 from __future__ import annotations
 

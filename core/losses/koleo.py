@@ -1,4 +1,4 @@
-"""KoLeo regulariser: spread features by penalising small nearest-neighbour distances (facts §5)."""
+"""KoLeo regulariser: spreads features by penalising small nearest-neighbour distances (official formula)."""
 
 from __future__ import annotations
 

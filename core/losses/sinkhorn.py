@@ -1,4 +1,4 @@
-"""Sinkhorn-Knopp centering of teacher logits (facts §5), all-reduced over a process group."""
+"""Sinkhorn-Knopp centering of teacher logits (official algorithm), all-reduced over a process group."""
 
 from __future__ import annotations
 

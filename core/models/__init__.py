@@ -1,9 +1,24 @@
-"""DINOv3 backbones, DINO/iBOT heads and official-format checkpoint I/O."""
+"""DINOv3 backbones, DINO/iBOT heads and official-format checkpoint I/O.
 
-from dinodist.core.models.arch import ArchSpec, HeadSpec, get_arch
-from dinodist.core.models.heads import DINOHead, build_head
-from dinodist.core.models.io import load_backbone, load_backbone_state, read_state_dict, save_backbone
-from dinodist.core.models.vit import DinoVisionTransformer, build_backbone
+`arch` (sizes, parameter and FLOP counts) is plain Python; the other names load torch on first use
+(core/lazy.py), so the planner reads the architecture table without torch.
+"""
+
+from dinodist.core.lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "ArchSpec": "arch",
+    "HeadSpec": "arch",
+    "get_arch": "arch",
+    "DINOHead": "heads",
+    "build_head": "heads",
+    "load_backbone": "io",
+    "load_backbone_state": "io",
+    "read_state_dict": "io",
+    "save_backbone": "io",
+    "DinoVisionTransformer": "vit",
+    "build_backbone": "vit",
+})
 
 __all__ = [
     "ArchSpec",

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from dinodist.core.config import Overrides, apply_overrides, read_yaml_mapping, validation_error_line
 from dinodist.core.errors import DinodistError
 from dinodist.core.models.arch import ArchSpec
 
@@ -184,80 +185,23 @@ class StageConfig(_Strict):
         return self
 
 
-def _format_error(exc: ValidationError, source: str) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        return f"{source}: unknown key {loc!r}"
-    if not loc and ":" in msg:
-        return f"{source}: {msg}"
-    return f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}"
-
-
-def _set_dotted(tree: dict, key: str, value: Any, source: str) -> None:
-    parts = key.split(".")
-    node = tree
-    for p in parts[:-1]:
-        nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise DinodistError(f"{source}: --set {key}: {p!r} is not a section")
-        node = nxt
-    node[parts[-1]] = value
-
-
-def parse_overrides(items: list[str] | None) -> dict:
-    """`key.sub=value` strings -> nested dict; values are parsed as YAML (numbers, lists, null)."""
-    tree: dict = {}
-    for item in items or []:
-        if "=" not in item:
-            raise DinodistError(f"--set {item!r}: expected key=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        _set_dotted(tree, key.strip(), value, "--set")
-    return tree
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def config_from_dict(data: dict, source: str = "config", overrides: list[str] | None = None) -> StageConfig:
+def config_from_dict(data: dict, source: str = "config", overrides: Overrides = None) -> StageConfig:
     """Validate a (possibly overridden) config tree; errors name the source and the dotted field."""
     if not isinstance(data, dict):
         raise DinodistError(f"{source}: expected a mapping at the top level")
-    over = parse_overrides(overrides)
     try:
-        if over:
+        if overrides:
             # Overrides apply on top of the resolved tree, so `--set loss.teacher_temp.peak=x` keeps the rest
             # of that schedule instead of replacing it with defaults.
             base = StageConfig.model_validate(data).model_dump(mode="json")
-            return StageConfig.model_validate(_merge(base, over))
+            return StageConfig.model_validate(apply_overrides(base, overrides))
         return StageConfig.model_validate(data)
     except ValidationError as exc:
-        raise DinodistError(_format_error(exc, source)) from None
+        raise DinodistError(validation_error_line(exc, source)) from None
 
 
-def load_stage_config(path: str | Path, overrides: list[str] | None = None) -> StageConfig:
-    p = Path(path)
-    if not p.is_file():
-        raise DinodistError(f"{p}: stage config not found")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise DinodistError(f"{p}: invalid YAML{where}") from None
-    return config_from_dict(data, str(p), overrides)
+def load_stage_config(path: str | Path, overrides: Overrides = None) -> StageConfig:
+    return config_from_dict(read_yaml_mapping(path, "stage config", allow_empty=True), str(path), overrides)
 
 
 def dump_config(cfg: StageConfig) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -19,30 +18,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dinodist.core.distributed import free_port
 from dinodist.core.errors import DinodistError
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# An SSL rank may wait in a collective for minutes (a checkpoint save, a slow rank's data loading).
+TIMEOUT_S = 600.0
 
 
 def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
-
-
-def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-def init_from_env(timeout_s: float = 600.0) -> None:
-    """Join the torchrun world (env://)."""
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(
-        default_backend(), init_method="env://", timeout=datetime.timedelta(seconds=timeout_s)
-    )
 
 
 def _child(rank: int, world: int, port: int, errors, fn: Callable, args: tuple, timeout_s: float) -> None:
@@ -69,7 +53,7 @@ def _child(rank: int, world: int, port: int, errors, fn: Callable, args: tuple, 
 
 
 def spawn(
-    fn: Callable[..., Any], nproc: int, args: tuple = (), timeout_s: float = 600.0, grace_s: float = 5.0
+    fn: Callable[..., Any], nproc: int, args: tuple = (), timeout_s: float = TIMEOUT_S, grace_s: float = 5.0
 ) -> None:
     """Run fn(*args) on `nproc` local ranks (gloo, 127.0.0.1, a free port); raise the first rank's error."""
     ctx = mp.get_context("spawn")

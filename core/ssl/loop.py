@@ -8,7 +8,6 @@ bit for bit (CPU). metrics.jsonl lines past the resumed iteration are dropped be
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -25,19 +24,13 @@ from dinodist.core.data.loader import BatchLoader
 from dinodist.core.data.sources import build_source
 from dinodist.core.errors import DinodistError
 from dinodist.core.ssl.config import Resolution, StageConfig, dump_config
-from dinodist.core.ssl.model import (
-    SSLModel,
-    build_ssl_model,
-    copy_weights,
-    ema_update,
-    load_tower,
-    read_teacher_export,
-)
-from dinodist.core.ssl.optim import apply_hyperparams, build_optimizer
+from dinodist.core.ssl.model import SSLModel, build_ssl_model, load_tower, read_teacher_export
+from dinodist.core.ssl.optim import build_optimizer
 from dinodist.core.ssl.schedules import lr_scale_factor, scaled, schedule_value
 from dinodist.core.ssl.step import StepScalars, compute_losses
-
-SUBMODULES = ("backbone", "dino_head", "ibot_head")
+from dinodist.core.train.ema import copy_weights
+from dinodist.core.train.metrics import open_metrics, write_record
+from dinodist.core.train.update import optimizer_step
 
 
 def _rank_world() -> tuple[int, int]:
@@ -155,23 +148,6 @@ def find_checkpoint(run_dir: str | Path, field: str) -> Path:
     return ck
 
 
-def _clip(model: SSLModel, max_norm: float | None) -> float:
-    """Per-submodule gradient clipping as the official loop; returns the backbone's pre-clip norm."""
-    backbone_norm = 0.0
-    for name in SUBMODULES:
-        grads = [p.grad for p in model.student[name].parameters() if p.grad is not None]
-        if not grads:
-            continue
-        norm = torch.nn.utils.get_total_norm(grads)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        if max_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(model.student[name].parameters(), max_norm, norm)
-        if name == "backbone":
-            backbone_norm = float(norm)
-    return backbone_norm
-
-
 def _reduce_mean(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
     names = sorted(values)
     stacked = torch.stack([values[n].float().reshape(()) for n in names])
@@ -179,19 +155,6 @@ def _reduce_mean(values: dict[str, torch.Tensor], world: int) -> dict[str, float
         dist.all_reduce(stacked)  # gloo has no AVG
         stacked = stacked / world
     return {n: float(v) for n, v in zip(names, stacked.tolist())}
-
-
-def _truncate_metrics(path: Path, start: int) -> None:
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["iteration"] < start:
-                keep.append(line)
-        except (ValueError, KeyError):
-            break  # a torn last line of a killed run
-    path.write_text("".join(k + "\n" for k in keep))
 
 
 class _Progress:
@@ -282,15 +245,13 @@ def train(
         start = int(meta["iteration"])
     if start >= total:
         raise DinodistError(f"train.iterations {total}: the run is already at iteration {start}")
-    if rank == 0:
-        _truncate_metrics(out / "metrics.jsonl", start)
 
     lr_sched = scaled(cfg.optim.lr, lr_scale_factor(cfg.optim.lr_scaling, g))
     batches = _Batches(cfg, rank, world, model.student.backbone.patch_size)
     bar = _Progress(progress and rank == 0, start, total, cfg.train.log_every)
     end = total if stop_at is None else min(total, stop_at)
     last: dict = {}
-    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
+    metrics = open_metrics(out / "metrics.jsonl", start) if rank == 0 else None
     try:
         for it in range(start, end):
             t0 = time.perf_counter()
@@ -305,8 +266,6 @@ def train(
                 local_weight=schedule_value(cfg.loss.local_weight, it, total),
                 gram_weight=schedule_value(cfg.loss.gram_weight, it, total),
             )
-            apply_hyperparams(optimizer, lr, wd, freeze_last_layer=it < cfg.optim.freeze_last_layer_iters)
-            optimizer.zero_grad(set_to_none=True)
             loss, terms = compute_losses(model, batch, scalars, cfg.loss, cfg.gram, use_gram, group)
             logged = _reduce_mean({"loss": loss.detach(), **terms}, world)
             for name in ["loss"] + sorted(terms):
@@ -315,10 +274,10 @@ def train(
                         f"iteration {it}: loss term {name!r} is {logged[name]}; stopped before the update "
                         f"(checkpoints under {out / 'ckpt'} untouched)"
                     )
-            loss.backward()
-            grad_norm = _clip(model, cfg.optim.clip_grad)
-            optimizer.step()
-            ema_update(model.teacher, model.student, momentum)
+            norms = optimizer_step(
+                loss, optimizer, model.student, model.teacher, lr=lr, wd=wd, clip_grad=cfg.optim.clip_grad,
+                momentum=momentum, freeze_last_layer=it < cfg.optim.freeze_last_layer_iters,
+            )
             gc = cfg.gram
             if (
                 model.gram_teacher is not None and gc.refresh_every and refreshes < gc.max_refreshes
@@ -334,12 +293,11 @@ def train(
             if len(batches.loaders) > 1:
                 r = resolutions(cfg)[resolution_index(cfg, it)]
                 rec["resolution"] = [r.global_size, r.local_size, r.gram_size]
-            rec["grad_norm"] = grad_norm
+            rec["grad_norm"] = float(norms.get("backbone", 0.0))
             rec["step_seconds"] = time.perf_counter() - t0
             rec["images"] = g
             if metrics is not None:
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
+                write_record(metrics, rec)
             bar.update(it, rec)
             last = rec
             done = it + 1

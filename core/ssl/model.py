@@ -3,7 +3,8 @@
 `SSLModel` is a plain container whose FQNs ("student.backbone.blocks.0...", "teacher.dino_head...",
 "gram_teacher...") are the checkpoint keys. Data parallelism is FSDP2 `fully_shard` per block, per backbone
 and per head, over a 1-D mesh of the whole world; the teacher and the Gram teacher are sharded exactly like
-the student so the EMA update and the Gram refresh are local copies between equal shards.
+the student so the EMA update and the Gram refresh (core/train/ema.py) are local copies between equal
+shards.
 """
 
 from __future__ import annotations
@@ -95,28 +96,6 @@ def shard_model(model: SSLModel, mesh, param_dtype: torch.dtype | None = None) -
     for tower in (model.student, model.teacher):
         for h in HEADS:
             fully_shard(tower[h], mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """t = m*t + (1-m)*s over every parameter (shards of equal placement under FSDP2)."""
-    t = [_local(p) for p in teacher.parameters()]
-    s = [_local(p.detach()) for p in student.parameters()]
-    torch._foreach_mul_(t, momentum)
-    torch._foreach_add_(t, s, alpha=1.0 - momentum)
-
-
-@torch.no_grad()
-def copy_weights(dst: nn.Module, src: nn.Module) -> None:
-    """dst <- src, parameters and buffers (identical architecture and sharding)."""
-    for a, b in zip(dst.parameters(), src.parameters()):
-        _local(a).copy_(_local(b))
-    for a, b in zip(dst.buffers(), src.buffers()):
-        a.copy_(b)
 
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,76 +1,15 @@
-"""AdamW parameter groups of the official recipe and the per-iteration lr/wd update.
-
-Per student submodule (backbone, dino_head, ibot_head) a parameter gets
-  lr_mult = layerwise_decay ** (L + 1 - layer_id)  (layer_id 0: patch_embed, tokens; i+1: block i; L+1: rest)
-          * patch_embed_lr_mult                     (patch_embed only)
-  wd_mult = 0 for names ending in "bias" or containing "norm" / "gamma" (tokens and patch weights keep wd)
-and the heads' `last_layer` weights are flagged so they can be frozen (lr 0) for the first iterations.
-Parameters with equal (lr_mult, wd_mult, last_layer) share one group, keeping the foreach kernels long.
-"""
+"""The SSL stages' AdamW from their `optim:` config; groups and lr/wd update: core/train/optim.py."""
 
 from __future__ import annotations
-
-import re
 
 import torch
 from torch import nn
 
 from dinodist.core.ssl.config import OptimConfig
-
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
-_LAYER0 = ("cls_token", "storage_tokens", "mask_token", "register_tokens", "patch_embed")
-
-
-def layer_id(name: str, depth: int) -> int:
-    """Depth index of a backbone parameter, relative name (no "backbone." prefix)."""
-    if name.startswith(_LAYER0):
-        return 0
-    m = _BLOCK.match(name)
-    if m:
-        return int(m.group(1)) + 1
-    return depth + 1
-
-
-def multipliers(
-    submodule: str, name: str, depth: int, layerwise_decay: float, patch_embed_lr_mult: float
-) -> tuple[float, float, bool]:
-    """(lr_mult, wd_mult, is_last_layer) for parameter `name` of student submodule `submodule`."""
-    lid = layer_id(name, depth) if submodule == "backbone" else depth + 1
-    lr_mult = layerwise_decay ** (depth + 1 - lid)
-    if submodule == "backbone" and name.startswith("patch_embed"):
-        lr_mult *= patch_embed_lr_mult
-    no_wd = name.endswith("bias") or "norm" in name or "gamma" in name
-    return lr_mult, 0.0 if no_wd else 1.0, name.startswith("last_layer")
-
-
-def param_groups(
-    student: nn.Module, depth: int, layerwise_decay: float, patch_embed_lr_mult: float
-) -> list[dict]:
-    """Groups over the trainable parameters of `student` (a module with backbone/dino_head/ibot_head)."""
-    buckets: dict[tuple[float, float, bool], dict] = {}
-    for sub_name, sub in student.named_children():
-        for name, p in sub.named_parameters():
-            if not p.requires_grad:
-                continue
-            key = multipliers(sub_name, name, depth, layerwise_decay, patch_embed_lr_mult)
-            group = buckets.setdefault(
-                key,
-                {"params": [], "names": [], "lr_mult": key[0], "wd_mult": key[1], "last_layer": key[2]},
-            )
-            group["params"].append(p)
-            group["names"].append(f"{sub_name}.{name}")
-    return [buckets[k] for k in sorted(buckets)]
+from dinodist.core.train.optim import build_optimizer as _build
 
 
 def build_optimizer(student: nn.Module, depth: int, cfg: OptimConfig) -> torch.optim.AdamW:
-    groups = param_groups(student, depth, cfg.layerwise_decay, cfg.patch_embed_lr_mult)
-    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0, foreach=True)
-
-
-def apply_hyperparams(
-    optimizer: torch.optim.Optimizer, lr: float, wd: float, freeze_last_layer: bool
-) -> None:
-    """Set this iteration's lr and wd on every group; last_layer groups get lr 0 while frozen."""
-    for g in optimizer.param_groups:
-        g["lr"] = 0.0 if (freeze_last_layer and g["last_layer"]) else lr * g["lr_mult"]
-        g["weight_decay"] = wd * g["wd_mult"]
+    """AdamW with the official parameter groups over `student` (backbone, dino_head, ibot_head)."""
+    return _build(student, depth, layerwise_decay=cfg.layerwise_decay,
+                  patch_embed_lr_mult=cfg.patch_embed_lr_mult, betas=cfg.betas, eps=cfg.eps)

@@ -1,4 +1,4 @@
-"""The losses of one SSL iteration (facts §5), for pretrain, Gram anchoring and high-res adaptation.
+"""The losses of one SSL iteration (official formulas), for pretrain, Gram anchoring and high-res adaptation.
 
 Order of the data: the EMA teacher sees the unmasked global crops -> DINO head on CLS, iBOT head on the
 patches the student will see masked -> Sinkhorn-Knopp over the data-parallel group. The student sees the

@@ -29,7 +29,7 @@ from typing import Any
 import msgpack
 
 from dinodist.core.errors import DinodistError
-from dinodist.core.target_store.quant import (
+from dinodist.core.target_store.sizes import (
     DTYPE_SIZES,
     ENCODINGS,
     FLOAT_DTYPES,

@@ -13,26 +13,13 @@ import numpy as np
 import torch
 
 from dinodist.core.errors import DinodistError
+from dinodist.core.target_store.sizes import (
+    DTYPE_SIZES,
+    ENCODINGS,
+    rows_and_dim,
+)
 
-FLOAT_ENCODINGS = ("fp32", "bf16", "int8")
-# "raw": the tensor's own bytes (integer/bool tensors, and the teacher's last layers).
-ENCODINGS = FLOAT_ENCODINGS + ("raw",)
-
-# Element sizes of the dtypes a store may hold; anything else is refused on write and on read.
-DTYPE_SIZES: dict[str, int] = {
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "int64": 8,
-    "int32": 4,
-    "int16": 2,
-    "int8": 1,
-    "uint8": 1,
-    "bool": 1,
-}
-FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 _TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPE_SIZES}
-INT8_SCALE_BYTES = 4  # float32 scale per row
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -47,37 +34,6 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in _TORCH_DTYPES:
         raise DinodistError(f"target store: dtype {name!r} is not one of {sorted(DTYPE_SIZES)}")
     return _TORCH_DTYPES[name]
-
-
-def rows_and_dim(shape: tuple[int, ...] | list[int]) -> tuple[int, int]:
-    """(rows, row length) of a tensor viewed as [-1, last dim]."""
-    if len(shape) == 0:
-        return 1, 1
-    dim = int(shape[-1])
-    return (math.prod(shape[:-1]) if dim else 0), dim
-
-
-def encoded_nbytes(shape: tuple[int, ...] | list[int], enc: str, dtype: str) -> tuple[int, int]:
-    """(data bytes, scale bytes) of a tensor of `shape` and source `dtype` stored as `enc`."""
-    numel = math.prod(shape)
-    if enc == "fp32":
-        return 4 * numel, 0
-    if enc == "bf16":
-        return 2 * numel, 0
-    if enc == "int8":
-        rows, _ = rows_and_dim(shape)
-        return numel, INT8_SCALE_BYTES * rows
-    if enc == "raw":
-        return DTYPE_SIZES[dtype] * numel, 0
-    raise DinodistError(f"target store: encoding {enc!r} is not one of {list(ENCODINGS)}")
-
-
-def row_nbytes(dim: int, enc: str) -> float:
-    """Bytes one row of `dim` floats takes when stored as `enc` (the int8 scale included)."""
-    if enc not in FLOAT_ENCODINGS:
-        raise DinodistError(f"target store: dtype {enc!r} is not one of {list(FLOAT_ENCODINGS)}")
-    data, scale = encoded_nbytes((1, dim), enc, "float32")
-    return float(data + scale)
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:

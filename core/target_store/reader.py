@@ -20,7 +20,8 @@ import torch
 
 from dinodist.core.errors import DinodistError
 from dinodist.core.target_store import format as fmt
-from dinodist.core.target_store.quant import FLOAT_DTYPES, decode
+from dinodist.core.target_store.quant import decode
+from dinodist.core.target_store.sizes import FLOAT_DTYPES
 
 
 @dataclass

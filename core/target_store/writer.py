@@ -23,7 +23,8 @@ import torch
 
 from dinodist.core.errors import DinodistError
 from dinodist.core.target_store import format as fmt
-from dinodist.core.target_store.quant import FLOAT_ENCODINGS, dtype_name, encode
+from dinodist.core.target_store.quant import dtype_name, encode
+from dinodist.core.target_store.sizes import FLOAT_ENCODINGS
 
 DEFAULT_SHARD_BYTES = 256 << 20
 _ZEROS = bytes(fmt.ALIGN)

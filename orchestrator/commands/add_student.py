@@ -36,15 +36,15 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dinodist.core.errors import DinodistError
-    from dinodist.orchestrator.replay import run_replay
+    from dinodist.orchestrator.add_student import run_add_student
 
     if args.devices is not None and args.devices < 1:
         raise DinodistError(f"--devices: must be >= 1, got {args.devices}")
     if args.follow_timeout <= 0:
         raise DinodistError(f"--follow-timeout: must be positive, got {args.follow_timeout:g}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    run_replay(args.topology, args.student, store=args.store, arch=args.arch, out=args.out,
-               devices=args.devices, iterations=args.iterations, follow=args.follow,
-               follow_timeout=args.follow_timeout, metrics_port=args.metrics_port,
-               echo=lambda line: print(line, flush=True))
+    run_add_student(args.topology, args.student, store=args.store, arch=args.arch, out=args.out,
+                    devices=args.devices, iterations=args.iterations, follow=args.follow,
+                    follow_timeout=args.follow_timeout, metrics_port=args.metrics_port,
+                    echo=lambda line: print(line, flush=True))
     return 0

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
-
-import torch
 
 from dinodist.core.errors import DinodistError
 
@@ -41,44 +38,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def load_eval_backbone(checkpoint: str | None, arch: str | None, seed: int = 0):
-    """(backbone in eval mode, default image size or None, description)."""
-    from dinodist.core.models import build_backbone, load_backbone
-    from dinodist.core.models.io import load_backbone_state
-
-    if checkpoint is None:
-        if arch is None:
-            raise DinodistError("--arch is required when no --checkpoint is given (random-init baseline)")
-        torch.manual_seed(seed)
-        return build_backbone(arch).eval(), None, f"random init of {arch} (seed {seed})"
-    path = Path(checkpoint)
-    if path.is_dir():
-        from dinodist.core.checkpoint import load_model_only
-        from dinodist.core.ssl.config import load_stage_config
-        from dinodist.core.ssl.loop import find_checkpoint
-
-        if not (path / "config.yaml").is_file():
-            raise DinodistError(f"{path}: no config.yaml (not a `dinodist train` output folder)")
-        cfg = load_stage_config(path / "config.yaml")
-        bb = build_backbone(cfg.model.arch, **cfg.model.overrides)
-        ck = find_checkpoint(path, "--checkpoint")
-        load_model_only(ck, bb, prefix="teacher.backbone")
-        return bb.eval(), cfg.crops.global_size, f"EMA teacher of {path} ({ck.name})"
-    if not path.is_file():
-        raise DinodistError(f"--checkpoint {path}: no such file or folder")
-    side = Path(str(path) + ".json")
-    if side.is_file():
-        meta = json.loads(side.read_text())
-        bb = build_backbone(meta["arch"], **meta.get("overrides", {}))
-        from dinodist.core.models.io import read_state_dict
-
-        load_backbone_state(bb, read_state_dict(path), source=str(path))
-        return bb.eval(), meta.get("image_size"), f"{path} ({meta['arch']})"
-    if arch is None:
-        raise DinodistError(f"--checkpoint {path}: no {side.name} sidecar, so --arch is required")
-    return load_backbone(path, arch).eval(), None, f"{path} ({arch})"
-
-
 def run(args: argparse.Namespace) -> int:
     from dinodist.core.data.sources import build_source
     from dinodist.core.eval import extract_features, knn_accuracy, linear_probe
@@ -87,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         v = getattr(args, name)
         if v is not None and v <= 0:
             raise DinodistError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    from dinodist.core.eval.backbone import load_eval_backbone
+
     model, default_size, desc = load_eval_backbone(args.checkpoint, args.arch, args.seed)
     size = args.image_size or default_size or 224
     if size % model.patch_size:

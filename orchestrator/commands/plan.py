@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from dinodist.core.errors import DinodistError
 from dinodist.core.target_store import bytes_per_image, bytes_per_million_iterations
 from dinodist.orchestrator.allocate import make_plan, plan_table
 from dinodist.orchestrator.cost import calibrate
-from dinodist.orchestrator.topology import Topology, load_topology
+from dinodist.orchestrator.topology import Topology, check_runnable, load_topology
 
 STORE_DTYPES = ("fp32", "bf16", "int8")
 _COLUMNS = ("bytes_per_image", "bytes_per_iteration", "bytes_per_million_iterations", "bytes_for_run",
@@ -54,10 +55,12 @@ def run(args: argparse.Namespace) -> int:
         factors = calibrate(topo, args.calibrate, {g.name: g.devices for g in plan.groups})
         plan = make_plan(topo, devices=args.devices, calibration=factors)
     cost = store_cost(topo, all_dtypes=args.store_cost) if (topo.store or args.store_cost) else None
+    refused = runtime_refusal(topo)
     if args.json:
         out = plan.to_dict()
         if cost is not None:
             out["store_cost"] = cost
+        out["runtime_refuses"] = refused
         print(json.dumps(out, indent=1))
     else:
         print(plan_table(plan))
@@ -66,7 +69,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"calibrated from {args.calibrate}: {cal}")
         if cost is not None:
             print("\n" + store_cost_table(cost))
+        if refused is not None:
+            print(f"\nnote: planned as written, but distill, add-student and deploy refuse it for now: "
+                  f"{refused}")
     return 0
+
+
+def runtime_refusal(topo: Topology) -> str | None:
+    """Why the runtime would refuse this topology (a setting it does not apply yet), or None."""
+    try:
+        check_runnable(topo)
+    except DinodistError as exc:
+        return str(exc)
+    return None
 
 
 def _cost(topo: Topology, dtype: str, retain: int | str) -> dict:

@@ -45,16 +45,15 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or str(Path("runs") / Path(args.config).stem)
     if args.resume and not (Path(out) / "ckpt").is_dir():
         raise DinodistError(f"--resume: no checkpoint folder {Path(out) / 'ckpt'}")
+    from dinodist.core.distributed import destroy, init_from_env
     from dinodist.core.ssl import launch
 
     if launch.under_torchrun():
-        launch.init_from_env()
+        init_from_env(timeout_s=launch.TIMEOUT_S)
         try:
             _train_rank(cfg, out, args.resume, not args.quiet)
         finally:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            destroy()
     elif args.nproc > 1:
         launch.spawn(_train_rank, args.nproc, (cfg, out, args.resume, not args.quiet))
     else:

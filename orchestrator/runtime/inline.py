@@ -6,7 +6,7 @@ topology so both runs use the same recipe, and trains through the same `train_st
 with an `InlineTargetSource`. The process forms a one-rank gloo world so the student is sharded
 (trivially) by FSDP2 exactly as in a topology.
 
-    python -m dinodist.orchestrator.inline TOPOLOGY --student NAME [--out DIR] [--iterations N]
+    python -m dinodist.orchestrator.runtime.inline TOPOLOGY --student NAME [--out DIR] [--iterations N]
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ import torch.distributed as dist
 
 from dinodist.core.data.loader import BatchLoader
 from dinodist.core.data.sources import build_source
-from dinodist.core.distributed import free_port, group_mesh
+from dinodist.core.distributed import group_mesh
 from dinodist.core.errors import DinodistError
+from dinodist.core.net import free_port
 from dinodist.core.targets import InlineTargetSource
-from dinodist.orchestrator.rank import student_job, teacher_job
-from dinodist.orchestrator.topology import load_topology
+from dinodist.orchestrator.runtime.jobs import student_job, teacher_job
+from dinodist.orchestrator.topology import check_runnable, load_topology
 from dinodist.students.run import GroupContext, train_student
 from dinodist.teacher.model import last_layers, load_teacher
 from dinodist.teacher.targets import compute_targets
@@ -37,6 +38,7 @@ def run_inline(topology: str | Path, student: str, out: str | Path | None = None
                iterations: int | None = None) -> dict:
     overrides = {"train.iterations": iterations} if iterations else None
     topo = load_topology(topology, overrides)
+    check_runnable(topo)
     out_dir = Path(out) if out is not None else Path(topo.output)
     sjob = student_job(topo, student, out_dir)
     tjob = teacher_job(topo, out_dir)
@@ -69,7 +71,7 @@ def run_inline(topology: str | Path, student: str, out: str | Path | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dinodist.orchestrator.inline",
+    parser = argparse.ArgumentParser(prog="python -m dinodist.orchestrator.runtime.inline",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("topology")
     parser.add_argument("--student", required=True, help="name of the student in the topology")

@@ -1,0 +1,108 @@
+"""Topology + plan -> what one rank runs: jobs, the row-exchange plan, target sizes, its control thread.
+
+Plain field-by-field adapters: every value comes from the validated topology (whose schema states
+every default once) or from the plan the driver wrote; nothing here restates a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dinodist.core.control.client import CONTROL_ENV
+from dinodist.core.control.thread import ControlThread
+from dinodist.core.data.augment import CropConfig
+from dinodist.core.data.sources import build_source
+from dinodist.core.targets import HEADS, ExchangePlan, MaskCounter, TargetDims
+from dinodist.orchestrator.planfile import RunPlan
+from dinodist.orchestrator.topology import Topology
+from dinodist.students.loss import LossConfig
+from dinodist.students.model import StudentOptim
+from dinodist.students.run import StudentJob
+from dinodist.teacher.run import TeacherJob
+
+
+def crop_config(topo: Topology) -> CropConfig:
+    d = topo.data
+    return CropConfig(global_size=d.global_crop_size, local_size=d.local_crop_size, n_local=d.local_crops,
+                      flips=d.flips)
+
+
+def store_settings(topo: Topology) -> dict | None:
+    """The topology's `store:` as the teacher's StoreWriter takes it (retain "all" -> None)."""
+    if topo.store is None:
+        return None
+    retain = topo.store.retain
+    return {"path": topo.store.path, "dtype": topo.store.dtype, "retain": None if retain == "all" else retain}
+
+
+def teacher_job(topo: Topology, out_dir: str | Path) -> TeacherJob:
+    t, tr, d = topo.teacher, topo.train, topo.data
+    return TeacherJob(
+        arch=t.arch, kind=t.targets, source=d.source, crops=crop_config(topo),
+        global_batch=tr.global_batch_size, iterations=tr.iterations, out_dir=Path(out_dir),
+        overrides=dict(t.overrides), checkpoint=t.checkpoint, shard=t.shard,
+        dino_head=topo.dino_head(), ibot_head=topo.ibot_head(), seed=tr.seed,
+        mask_prob=d.mask_probability, mask_ratio=tuple(d.mask_ratio),
+        prefetch_depth=tr.prefetch_depth, store=store_settings(topo), topology=topo.name,
+    )
+
+
+def student_job(topo: Topology, name: str, out_dir: str | Path) -> StudentJob:
+    s = topo.student(name)
+    tr = topo.student_train(name)  # `train:` with the student's `optim:` overrides applied
+    d = topo.data
+    dino, ibot = topo.student_heads(name)
+    optim = StudentOptim(lr=tr["lr"], weight_decay=tr["weight_decay"],
+                         warmup_iterations=tr["warmup_iterations"], layerwise_decay=tr["layerwise_decay"],
+                         clip_grad=tr["clip_grad"], ema=tr["ema"])
+    loss = LossConfig(teacher_temp=tr["teacher_temp"], student_temp=tr["student_temp"],
+                      ibot_weight=tr["ibot_weight"], koleo_weight=tr["koleo_weight"],
+                      loss_chunk_rows=tr["loss_chunk_rows"])
+    return StudentJob(
+        name=name, arch=s.arch, kind=topo.teacher.targets, source=d.source, crops=crop_config(topo),
+        global_batch=tr["global_batch_size"], iterations=tr["iterations"], out_dir=Path(out_dir),
+        overrides=dict(s.overrides), dino_head=dino, ibot_head=ibot,
+        teacher_dim=topo.teacher_spec().embed_dim, seed=tr["seed"],
+        mask_prob=d.mask_probability, mask_ratio=tuple(d.mask_ratio), optim=optim, loss=loss,
+        checkpoint_every=tr["checkpoint_every"],
+    )
+
+
+def target_dims(topo: Topology) -> TargetDims:
+    spec = topo.teacher_spec()
+    if topo.teacher.targets == HEADS:
+        return TargetDims(HEADS, dino_dim=topo.dino_head().bottleneck_dim,
+                          ibot_dim=topo.ibot_head().bottleneck_dim)
+    grid = topo.data.global_crop_size // spec.patch_size
+    return TargetDims("features", feat_dim=spec.embed_dim, n_patches=grid * grid)
+
+
+def last_layer_shapes(topo: Topology) -> dict[str, tuple[int, int]]:
+    d, i = topo.dino_head(), topo.ibot_head()
+    return {"dino_last_layer.weight": (d.n_prototypes, d.bottleneck_dim),
+            "ibot_last_layer.weight": (i.n_prototypes, i.bottleneck_dim)}
+
+
+def mask_counter(topo: Topology) -> MaskCounter:
+    """iBOT counts of any rows of any iteration, as the teacher's and every student's loader mask them."""
+    d, tr = topo.data, topo.train
+    grid = d.global_crop_size // topo.teacher_spec().patch_size
+    return MaskCounter(tr.global_batch_size, len(build_source(d.source)), tr.seed, (grid, grid),
+                       d.mask_probability, tuple(d.mask_ratio))
+
+
+def exchange_plan(plan: RunPlan) -> ExchangePlan:
+    return ExchangePlan(plan.global_batch_size, list(plan.teacher.ranks),
+                        {g.name: list(g.ranks) for g in plan.groups if g.role == "student"},
+                        even_batches=plan.even_batches)
+
+
+def start_control(topo: Topology, rank: int, group: str, role: str, world: dict) -> ControlThread | None:
+    """The rank's control-plane thread when a supervisor started it ($DINODIST_CONTROL), else None."""
+    addr = os.environ.get(CONTROL_ENV)
+    if not addr:
+        return None
+    c = topo.control
+    secret = os.environ.get(c.secret_env) if c.secret_env else None
+    return ControlThread(addr, rank, group, role, secret, world, heartbeat_interval_s=c.heartbeat_interval_s)

@@ -1,0 +1,81 @@
+"""One rank of a live distillation: join the world, find its group in the plan, run the teacher or a student.
+
+Every rank creates every group's sub-group in plan order (`new_group` is a collective over the
+world), wraps its own in a 1-D mesh for FSDP2, and then runs `teacher.run.run_teacher` or
+`students.run.train_student` with a `P2PTargetSource` that receives its rows from the teacher ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+from pathlib import Path
+
+from dinodist.core.distributed import destroy, group_mesh, init_from_env, make_subgroups
+from dinodist.core.errors import DinodistError
+from dinodist.core.targets import HEADS, P2PTargetSource, recv_last_layers
+from dinodist.orchestrator.planfile import RunPlan
+from dinodist.orchestrator.runtime.jobs import (
+    exchange_plan,
+    last_layer_shapes,
+    mask_counter,
+    start_control,
+    student_job,
+    target_dims,
+    teacher_job,
+)
+from dinodist.orchestrator.topology import Topology
+from dinodist.students.run import GroupContext, train_student
+from dinodist.teacher.run import run_teacher
+
+log = logging.getLogger("dinodist.rank")
+INIT_TIMEOUT_S = 120
+
+
+def run_live_rank(topo: Topology, plan: RunPlan, out_dir: Path) -> int:
+    info = init_from_env(topo.resolved_backend(), timeout_s=INIT_TIMEOUT_S)
+    if info.world_size != plan.used_devices:
+        raise DinodistError(f"WORLD_SIZE is {info.world_size} but the plan of {topo.name} has "
+                            f"{plan.used_devices} ranks")
+    pgs = make_subgroups([g.ranks for g in plan.groups])
+    idx = next(i for i, g in enumerate(plan.groups) if info.rank in g.ranks)
+    gp, pg = plan.groups[idx], pgs[idx]
+    mesh = group_mesh(pg, gp.ranks, info.device.type)
+    exchange = exchange_plan(plan)
+    group_rank = gp.ranks.index(info.rank)
+    control = start_control(topo, info.rank, gp.name, gp.role,
+                            {"world_size": info.world_size, "group_rank": group_rank,
+                             "group_size": len(gp.ranks)})
+    report = control.report if control is not None else None
+    try:
+        if gp.role == "teacher":
+            totals = run_teacher(teacher_job(topo, out_dir), exchange, info.rank, pg, mesh, info.device,
+                                 report)
+        else:
+            job = student_job(topo, gp.name, out_dir)
+            start, stop = exchange.student_rows(info.rank)
+            last = None
+            if job.kind == HEADS:
+                last = recv_last_layers(last_layer_shapes(topo), exchange.teacher_ranks[0], info.device)
+            counts = mask_counter(topo)
+            source = P2PTargetSource(exchange, info.rank, target_dims(topo), range(job.iterations),
+                                     lambda it: counts(it, start, stop), info.device,
+                                     depth=topo.train.prefetch_depth)
+            ctx = GroupContext(pg, mesh, group_rank, len(gp.ranks), start, stop, info.device)
+            totals = train_student(job, source, last, ctx, report)
+        log.info("rank %d (%s) done: %s", info.rank, gp.name, totals)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        logs = out_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / f"rank-{info.rank}.json").write_text(json.dumps(
+            {"rank": info.rank, "group": gp.name, "role": gp.role,
+             "cpu_seconds": usage.ru_utime + usage.ru_stime, **totals}))
+    except BaseException as exc:
+        if control is not None:
+            control.close("error", f"rank {info.rank} ({gp.name}): {exc}")
+        raise
+    if control is not None:
+        control.close("done")
+    destroy()
+    return 0

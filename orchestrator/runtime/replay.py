@@ -1,0 +1,139 @@
+"""A student group trained from a target store (`dinodist add-student`), and the store check before it.
+
+The store is just another target source: the group's ranks run the same `train_student` loop as
+in a live run, with a `StoreTargetSource` where a live student has a `P2PTargetSource`, in a world
+of only the new group's ranks. `check_store` is what the driver runs (as `rank.py --check`, before
+it starts any rank): the store must match the topology (teacher hash, data fingerprint, crop and
+masking config, batch size, seed: one line naming the first field that differs) and, for a plain
+replay, hold every iteration the run needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+from pathlib import Path
+
+from dinodist.core.data.sampler import global_batch
+from dinodist.core.data.sources import build_source
+from dinodist.core.distributed import destroy, group_mesh, init_from_env, make_subgroups
+from dinodist.core.errors import DinodistError
+from dinodist.core.target_store import StoreReader, check_compatible
+from dinodist.core.targets import HEADS, ExchangePlan, StoreStopped, StoreTargetSource
+from dinodist.orchestrator.planfile import RunPlan
+from dinodist.orchestrator.runtime.jobs import start_control, student_job, teacher_job
+from dinodist.orchestrator.topology import Topology
+from dinodist.students.run import GroupContext, train_student
+from dinodist.teacher.run import NOT_COMPARED, store_identity, store_manifest
+
+log = logging.getLogger("dinodist.replay")
+INIT_TIMEOUT_S = 120
+
+
+def expected_manifest(topo: Topology) -> dict:
+    """What the store's manifest must say for this topology's student to train on it."""
+    tjob = teacher_job(topo, topo.output)
+    m = store_manifest(tjob, store_identity(tjob), build_source(topo.data.source).fingerprint(),
+                       topo.teacher_spec().patch_size)
+    for key in NOT_COMPARED:
+        m.pop(key)
+    return m
+
+
+def check_store(reader: StoreReader, topo: Topology, follow: bool) -> None:
+    """Refuse a store this run cannot use; each error is one line."""
+    try:
+        check_compatible(reader.manifest, expected_manifest(topo))
+    except DinodistError as exc:
+        raise DinodistError(f"{reader.path}: {exc}") from None
+    need = topo.train.iterations
+    written = reader.manifest.get("iterations")
+    if isinstance(written, int) and need > written:
+        raise DinodistError(f"train.iterations: {need} exceeds the {written} iterations of the run that "
+                            f"wrote {reader.path}")
+    its = reader.iterations()
+    if its and its[0] > 0:
+        raise DinodistError(f"{reader.path}: iterations before {its[0]} were deleted (store retention); a "
+                            "new student starts at iteration 0 (use retain: all, or join within the window)")
+    if follow:
+        return
+    if topo.teacher.targets == HEADS:
+        reader.last_layers()
+    have = next((i for i, it in enumerate(its) if it != i), len(its))  # contiguous from 0
+    if have < need:
+        last = f"0..{have - 1}" if have else "none"
+        why = ("the store ends early (truncated or torn shard?)" if reader.closed()
+               else "the store is still being written: add --follow to train as it grows")
+        raise DinodistError(f"{reader.path}: complete records cover iterations {last} but this run needs "
+                            f"0..{need - 1}; {why}" + (f" (or --iterations {have})" if have else ""))
+
+
+def check_store_path(topo: Topology, store: str | Path, follow: bool, follow_timeout: float) -> None:
+    """`check_store` on the store at `store` (the driver's preflight, `rank.py --check`)."""
+    reader = StoreReader(store, follow=follow, timeout_s=follow_timeout if follow else None)
+    check_store(reader, topo, follow)
+
+
+def run_replay_rank(topo: Topology, plan: RunPlan, out_dir: Path, store: str, name: str | None,
+                    follow: bool, follow_timeout: float) -> int:
+    """One rank of the new group (`rank.py ... --replay STORE --student NAME`)."""
+    if not name:
+        raise DinodistError("--replay needs --student NAME")
+    topo.student(name)  # a clear error for a name the topology lacks
+    n = plan.group(name).devices
+    info = init_from_env(topo.resolved_backend(), timeout_s=INIT_TIMEOUT_S)
+    if info.world_size != n:
+        raise DinodistError(f"WORLD_SIZE is {info.world_size} but student {name!r} has {n} devices")
+    ranks = list(range(n))
+    (pg,) = make_subgroups([ranks])
+    mesh = group_mesh(pg, ranks, info.device.type)
+    g = topo.train.global_batch_size
+    # rows as in a live run: the students' split does not depend on the teacher (rank n is a stand-in)
+    start, stop = ExchangePlan(g, [n], {name: ranks},
+                               even_batches=topo.train.even_batches).student_rows(info.rank)
+    job = student_job(topo, name, out_dir)
+    reader = StoreReader(store, follow=follow, poll_s=0.1, timeout_s=follow_timeout if follow else None)
+    last = reader.last_layers() if job.kind == HEADS else None
+    num_samples = len(build_source(topo.data.source))
+    seed = topo.train.seed
+
+    def sampler(it: int):
+        return global_batch(it, g, num_samples, seed)
+
+    source = StoreTargetSource(reader, start, stop, job.kind, follow=follow,
+                               timeout_s=follow_timeout if follow else None, sampler=sampler)
+    newest_at_start = source.newest()
+    control = start_control(topo, info.rank, name, "student",
+                            {"world_size": n, "group_rank": info.rank, "group_size": n})
+    report = control.report if control is not None else None
+    ctx = GroupContext(pg, mesh, info.rank, n, start, stop, info.device)
+    record = {"rank": info.rank, "group": name, "role": "student", "replay": str(store), "follow": follow,
+              "teacher_forwards": 0, "store_newest_at_start": newest_at_start}
+    try:
+        try:
+            totals = train_student(job, source, last, ctx, report)
+        finally:
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            record.update(caught_up_at=source.caught_up_at, store_bytes_read=source.bytes_read,
+                          cpu_seconds=usage.ru_utime + usage.ru_stime)
+            logs = out_dir / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            (logs / f"rank-{info.rank}.json").write_text(json.dumps(record))
+        record.update(totals)
+        (out_dir / "logs" / f"rank-{info.rank}.json").write_text(json.dumps(record))
+        log.info("replay rank %d (%s) done: %s", info.rank, name, totals)
+    except StoreStopped as exc:
+        message = (f"rank {info.rank} ({name}): stopped after iteration {exc.last_iteration}, the last "
+                   f"complete record: {exc}")
+        if control is not None:
+            control.close("error", message)
+        raise DinodistError(message) from None
+    except BaseException as exc:
+        if control is not None:
+            control.close("error", f"rank {info.rank} ({name}): {exc}")
+        raise
+    if control is not None:
+        control.close("done")
+    destroy()
+    return 0
