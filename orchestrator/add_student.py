@@ -29,6 +29,7 @@ from dinodist.orchestrator.planfile import write_plan
 from dinodist.orchestrator.topology import Topology, check_runnable, load_topology, parse_topology
 
 PREFLIGHT_TIMEOUT_S = 120.0  # a rank program that loads torch, the data source and the store manifest
+FOLLOW_TIMEOUT_S = 60.0  # --follow: silence (no new record, no CLOSED) after which the writer counts as dead
 
 
 def replay_topology(topo: Topology, student: str, arch: str | None, devices: int | None) -> Topology:
@@ -62,8 +63,8 @@ def replay_topology(topo: Topology, student: str, arch: str | None, devices: int
 
 def run_add_student(topology: str | Path, student: str, store: str | None = None, arch: str | None = None,
                     out: str | None = None, devices: int | None = None, iterations: int | None = None,
-                    follow: bool = False, follow_timeout: float = 60.0, metrics_port: int | None = None,
-                    progress_every_s: float = 5.0, echo=print) -> dict:
+                    follow: bool = False, follow_timeout: float = FOLLOW_TIMEOUT_S,
+                    metrics_port: int | None = None, progress_every_s: float = 5.0, echo=print) -> dict:
     """Train `student` from a target store; returns the summary (also `<out>/summary.json`)."""
     overrides: dict = {}
     if iterations is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from dinodist.orchestrator.add_student import FOLLOW_TIMEOUT_S
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -27,9 +29,9 @@ def register(subparsers) -> None:
     p.add_argument("--devices", type=int, help="ranks of the new group (default: its topology entry, else 1)")
     p.add_argument("--iterations", type=int, help="override train.iterations")
     p.add_argument("--follow", action="store_true", help="tail a store that a live run is still writing")
-    p.add_argument("--follow-timeout", type=float, default=60.0, metavar="S",
+    p.add_argument("--follow-timeout", type=float, default=FOLLOW_TIMEOUT_S, metavar="S",
                    help="with --follow: seconds without a new record (and no CLOSED marker) after which "
-                   "the writer counts as dead (default 60)")
+                   f"the writer counts as dead (default {FOLLOW_TIMEOUT_S:g})")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default: metrics.port; 0 = any free)")
     p.set_defaults(func=run)
 

@@ -17,6 +17,7 @@ from dinodist.core.errors import DinodistError
 from dinodist.core.targets import HEADS, P2PTargetSource, recv_last_layers
 from dinodist.orchestrator.planfile import RunPlan
 from dinodist.orchestrator.runtime.jobs import (
+    INIT_TIMEOUT_S,
     exchange_plan,
     last_layer_shapes,
     mask_counter,
@@ -30,7 +31,6 @@ from dinodist.students.run import GroupContext, train_student
 from dinodist.teacher.run import run_teacher
 
 log = logging.getLogger("dinodist.rank")
-INIT_TIMEOUT_S = 120
 
 
 def run_live_rank(topo: Topology, plan: RunPlan, out_dir: Path) -> int:

@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--student", help="with --replay: the student group to train")
     parser.add_argument("--follow", action="store_true",
                         help="with --replay: tail a store that a live run is still writing")
-    parser.add_argument("--follow-timeout", type=float, default=60.0,
-                        help="with --follow: seconds without a new record before the writer counts as dead")
+    parser.add_argument("--follow-timeout", type=float, default=None,
+                        help="with --follow (required): seconds without a new record before the writer "
+                        "counts as dead")
     parser.add_argument("--check", action="store_true",
                         help="with --replay: only check the store against the topology, start nothing")
     return parser
@@ -51,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"train.iterations": args.iterations} if args.iterations else None
     topo = load_topology(args.topology, overrides)
     check_runnable(topo)
+    if args.follow and args.follow_timeout is None:
+        raise DinodistError("--follow needs --follow-timeout S (dinodist add-student passes its own)")
     if args.check:
         if not args.replay:
             raise DinodistError("--check needs --replay STORE")

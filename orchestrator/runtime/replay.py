@@ -22,13 +22,12 @@ from dinodist.core.errors import DinodistError
 from dinodist.core.target_store import StoreReader, check_compatible
 from dinodist.core.targets import HEADS, ExchangePlan, StoreStopped, StoreTargetSource
 from dinodist.orchestrator.planfile import RunPlan
-from dinodist.orchestrator.runtime.jobs import start_control, student_job, teacher_job
+from dinodist.orchestrator.runtime.jobs import INIT_TIMEOUT_S, start_control, student_job, teacher_job
 from dinodist.orchestrator.topology import Topology
 from dinodist.students.run import GroupContext, train_student
 from dinodist.teacher.run import NOT_COMPARED, store_identity, store_manifest
 
 log = logging.getLogger("dinodist.replay")
-INIT_TIMEOUT_S = 120
 
 
 def expected_manifest(topo: Topology) -> dict:
