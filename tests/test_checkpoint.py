@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 import shutil
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import run_gloo
 
 from dinodist.core.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from dinodist.core.errors import DinodistError
-from dinodist.core.net import free_port
 
 WORLD = 3
 GROUP = [1, 2]  # the student group leaves out global rank 0: group rank 0 is not global rank 0
@@ -116,43 +112,20 @@ def _lone_rank(group, root: str) -> None:
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
 
 
-def _worker(rank: int, port: int, tmp: str) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=TIMEOUT_S))
-        from dinodist.core.distributed import make_subgroups
+def _worker(rank: int, tmp: str) -> None:
+    from dinodist.core.distributed import make_subgroups
 
-        lone, students = make_subgroups([[0], GROUP])
-        if rank in GROUP:
-            _student_group(rank, students, os.path.join(tmp, "students"))
-        else:
-            _lone_rank(lone, os.path.join(tmp, "lone"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(tmp, f"err.{rank}"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    lone, students = make_subgroups([[0], GROUP])
+    if rank in GROUP:
+        _student_group(rank, students, os.path.join(tmp, "students"))
+    else:
+        _lone_rank(lone, os.path.join(tmp, "lone"))
 
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(90)
 def test_save_and_load_are_exact_on_a_sub_group(tmp_path):
-    ctx = mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("checkpoint workers timed out")
-    except mp.ProcessRaisedException:
-        files = [tmp_path / f"err.{r}" for r in range(WORLD)]
-        pytest.fail("\n".join(f.read_text() for f in files if f.exists()))
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    run_gloo(_worker, WORLD, tmp_path, str(tmp_path), timeout_s=TIMEOUT_S)
 
 
 # ---------------------------------------------------------------- broken checkpoints (one process)

@@ -1,18 +1,13 @@
 """Chunked Sinkhorn-Knopp and prototype cross-entropies equal the unchunked losses, in values and
 gradients, on one process and on 2 gloo ranks, while no tensor larger than chunk x K is ever created."""
 
-import datetime
-import os
-import socket
-import time
-import traceback
 import weakref
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo import run_gloo
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -386,12 +381,6 @@ WORLD = 2
 TIMEOUT_S = 60
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _check_distributed(rank: int) -> None:
     group = dist.new_group(list(range(WORLD)))
     # The single-process reference must not all-reduce: group=None would mean the world.
@@ -421,37 +410,8 @@ def _check_distributed(rank: int) -> None:
     _assert_probs_close(got.probs(), ref, _condition(x @ w.t(), 0.07).split([7, 4])[rank])
 
 
-def _worker(rank: int, port: int, errfile: str) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-            timeout=datetime.timedelta(seconds=TIMEOUT_S),
-        )
-        _check_distributed(rank)
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(f"{errfile}.{rank}", "w") as f:
-            f.write(traceback.format_exc())
-        raise
 
 
 @pytest.mark.multiproc
 def test_distributed_chunked_sinkhorn_matches_single_process(tmp_path):
-    errfile = str(tmp_path / "err")
-    ctx = mp.start_processes(
-        _worker, args=(_free_port(), errfile), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("chunked sinkhorn workers timed out")
-    except mp.ProcessRaisedException:
-        errors = [open(f"{errfile}.{r}").read() for r in range(WORLD) if os.path.exists(f"{errfile}.{r}")]
-        pytest.fail("\n".join(errors))
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    run_gloo(_check_distributed, WORLD, tmp_path, timeout_s=TIMEOUT_S)

@@ -1,26 +1,15 @@
 """Distributed losses on 2 gloo ranks equal the single-process losses on the concatenated batch."""
 
-import datetime
-import os
-import socket
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import run_gloo
 
 from dinodist.core.losses import koleo_loss, koleo_loss_distributed, sinkhorn_knopp
 
 WORLD = 2
 TIMEOUT_S = 60
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _check_sinkhorn(rank: int) -> None:
@@ -61,41 +50,11 @@ def _check_koleo(rank: int) -> None:
     torch.testing.assert_close(koleo_loss_distributed(x, group_size=b), koleo_loss(x), rtol=1e-5, atol=1e-6)
 
 
-def _worker(rank: int, port: int, errfile: str) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=WORLD,
-            timeout=datetime.timedelta(seconds=TIMEOUT_S),
-        )
-        _check_sinkhorn(rank)
-        _check_koleo(rank)
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(f"{errfile}.{rank}", "w") as f:
-            f.write(traceback.format_exc())
-        raise
+def _check_both(rank: int) -> None:
+    _check_sinkhorn(rank)
+    _check_koleo(rank)
 
 
 @pytest.mark.multiproc
 def test_distributed_losses_match_single_process(tmp_path):
-    errfile = str(tmp_path / "err")
-    ctx = mp.start_processes(
-        _worker, args=(_free_port(), errfile), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("distributed loss workers timed out")
-    except mp.ProcessRaisedException:
-        errors = [open(f"{errfile}.{r}").read() for r in range(WORLD) if os.path.exists(f"{errfile}.{r}")]
-        pytest.fail("\n".join(errors))
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    run_gloo(_check_both, WORLD, tmp_path, timeout_s=TIMEOUT_S)

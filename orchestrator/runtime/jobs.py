@@ -6,13 +6,18 @@ every default once) or from the plan the driver wrote; nothing here restates a d
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import resource
+from collections.abc import Iterator
 from pathlib import Path
 
 from dinodist.core.control.client import CONTROL_ENV
 from dinodist.core.control.thread import ControlThread
 from dinodist.core.data.augment import CropConfig
 from dinodist.core.data.sources import build_source
+from dinodist.core.distributed import destroy
 from dinodist.core.targets import HEADS, ExchangePlan, MaskCounter, TargetDims
 from dinodist.orchestrator.planfile import RunPlan
 from dinodist.orchestrator.topology import Topology
@@ -109,3 +114,27 @@ def start_control(topo: Topology, rank: int, group: str, role: str, world: dict)
     c = topo.control
     secret = os.environ.get(c.secret_env) if c.secret_env else None
     return ControlThread(addr, rank, group, role, secret, world, heartbeat_interval_s=c.heartbeat_interval_s)
+
+
+@contextlib.contextmanager
+def reporting_to(control: ControlThread | None, rank: int, group: str) -> Iterator[None]:
+    """The end of a rank's work: tell the supervisor `done`, or the error that ended it (naming the
+    rank and group, so the job's failure line does), and leave the world on success."""
+    try:
+        yield
+    except BaseException as exc:
+        if control is not None:
+            control.close("error", f"rank {rank} ({group}): {exc}")
+        raise
+    if control is not None:
+        control.close("done")
+    destroy()
+
+
+def write_rank_record(out_dir: Path, rank: int, record: dict) -> None:
+    """`<out>/logs/rank-<r>.json`: the rank's totals and its CPU seconds, which the summaries read."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    logs = Path(out_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    cpu = usage.ru_utime + usage.ru_stime
+    (logs / f"rank-{rank}.json").write_text(json.dumps({**record, "cpu_seconds": cpu}))

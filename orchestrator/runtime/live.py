@@ -7,12 +7,10 @@ world), wraps its own in a 1-D mesh for FSDP2, and then runs `teacher.run.run_te
 
 from __future__ import annotations
 
-import json
 import logging
-import resource
 from pathlib import Path
 
-from dinodist.core.distributed import destroy, group_mesh, init_from_env, make_subgroups
+from dinodist.core.distributed import group_mesh, init_from_env, make_subgroups
 from dinodist.core.errors import DinodistError
 from dinodist.core.targets import HEADS, P2PTargetSource, recv_last_layers
 from dinodist.orchestrator.planfile import RunPlan
@@ -21,10 +19,12 @@ from dinodist.orchestrator.runtime.jobs import (
     exchange_plan,
     last_layer_shapes,
     mask_counter,
+    reporting_to,
     start_control,
     student_job,
     target_dims,
     teacher_job,
+    write_rank_record,
 )
 from dinodist.orchestrator.topology import Topology
 from dinodist.students.run import GroupContext, train_student
@@ -48,7 +48,7 @@ def run_live_rank(topo: Topology, plan: RunPlan, out_dir: Path) -> int:
                             {"world_size": info.world_size, "group_rank": group_rank,
                              "group_size": len(gp.ranks)})
     report = control.report if control is not None else None
-    try:
+    with reporting_to(control, info.rank, gp.name):
         if gp.role == "teacher":
             totals = run_teacher(teacher_job(topo, out_dir), exchange, info.rank, pg, mesh, info.device,
                                  report)
@@ -65,17 +65,6 @@ def run_live_rank(topo: Topology, plan: RunPlan, out_dir: Path) -> int:
             ctx = GroupContext(pg, mesh, group_rank, len(gp.ranks), start, stop, info.device)
             totals = train_student(job, source, last, ctx, report)
         log.info("rank %d (%s) done: %s", info.rank, gp.name, totals)
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        logs = out_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        (logs / f"rank-{info.rank}.json").write_text(json.dumps(
-            {"rank": info.rank, "group": gp.name, "role": gp.role,
-             "cpu_seconds": usage.ru_utime + usage.ru_stime, **totals}))
-    except BaseException as exc:
-        if control is not None:
-            control.close("error", f"rank {info.rank} ({gp.name}): {exc}")
-        raise
-    if control is not None:
-        control.close("done")
-    destroy()
+        write_rank_record(out_dir, info.rank,
+                          {"rank": info.rank, "group": gp.name, "role": gp.role, **totals})
     return 0

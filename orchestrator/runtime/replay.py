@@ -10,19 +10,24 @@ replay, hold every iteration the run needs.
 
 from __future__ import annotations
 
-import json
 import logging
-import resource
 from pathlib import Path
 
 from dinodist.core.data.sampler import global_batch
 from dinodist.core.data.sources import build_source
-from dinodist.core.distributed import destroy, group_mesh, init_from_env, make_subgroups
+from dinodist.core.distributed import group_mesh, init_from_env, make_subgroups
 from dinodist.core.errors import DinodistError
 from dinodist.core.target_store import StoreReader, check_compatible
 from dinodist.core.targets import HEADS, ExchangePlan, StoreStopped, StoreTargetSource
 from dinodist.orchestrator.planfile import RunPlan
-from dinodist.orchestrator.runtime.jobs import INIT_TIMEOUT_S, start_control, student_job, teacher_job
+from dinodist.orchestrator.runtime.jobs import (
+    INIT_TIMEOUT_S,
+    reporting_to,
+    start_control,
+    student_job,
+    teacher_job,
+    write_rank_record,
+)
 from dinodist.orchestrator.topology import Topology
 from dinodist.students.run import GroupContext, train_student
 from dinodist.teacher.run import NOT_COMPARED, store_identity, store_manifest
@@ -109,30 +114,17 @@ def run_replay_rank(topo: Topology, plan: RunPlan, out_dir: Path, store: str, na
     ctx = GroupContext(pg, mesh, info.rank, n, start, stop, info.device)
     record = {"rank": info.rank, "group": name, "role": "student", "replay": str(store), "follow": follow,
               "teacher_forwards": 0, "store_newest_at_start": newest_at_start}
-    try:
+    with reporting_to(control, info.rank, name):
         try:
             totals = train_student(job, source, last, ctx, report)
+        except StoreStopped as exc:
+            raise DinodistError(f"stopped after iteration {exc.last_iteration}, the last complete record: "
+                                f"{exc}") from None
         finally:
-            usage = resource.getrusage(resource.RUSAGE_SELF)
-            record.update(caught_up_at=source.caught_up_at, store_bytes_read=source.bytes_read,
-                          cpu_seconds=usage.ru_utime + usage.ru_stime)
-            logs = out_dir / "logs"
-            logs.mkdir(parents=True, exist_ok=True)
-            (logs / f"rank-{info.rank}.json").write_text(json.dumps(record))
+            # also when it stops early: how far it read is what the summary reports
+            record.update(caught_up_at=source.caught_up_at, store_bytes_read=source.bytes_read)
+            write_rank_record(out_dir, info.rank, record)
         record.update(totals)
-        (out_dir / "logs" / f"rank-{info.rank}.json").write_text(json.dumps(record))
+        write_rank_record(out_dir, info.rank, record)
         log.info("replay rank %d (%s) done: %s", info.rank, name, totals)
-    except StoreStopped as exc:
-        message = (f"rank {info.rank} ({name}): stopped after iteration {exc.last_iteration}, the last "
-                   f"complete record: {exc}")
-        if control is not None:
-            control.close("error", message)
-        raise DinodistError(message) from None
-    except BaseException as exc:
-        if control is not None:
-            control.close("error", f"rank {info.rank} ({name}): {exc}")
-        raise
-    if control is not None:
-        control.close("done")
-    destroy()
     return 0
