@@ -17,12 +17,6 @@ import torch
 import torch.distributed as dist
 
 from dinodist.core.errors import DinodistError
-from dinodist.core.net import free_port
-
-__all__ = [
-    "DistInfo", "destroy", "default_backend", "device_for_backend", "env_info", "free_port", "group_mesh",
-    "init_from_env", "make_subgroups",
-]
 
 _ENV_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
 

@@ -34,11 +34,10 @@ import torch.distributed as dist
 from dinodist.core.data.masking import sample_masks
 from dinodist.core.data.sampler import global_batch
 from dinodist.core.errors import DinodistError
-from dinodist.core.rows import loss_scale, rank_rows
+from dinodist.core.rows import rank_rows
 
 HEADS = "heads"
 FEATURES = "features"
-__all__ = ["loss_scale", "rank_rows"]  # the split rule (core/rows.py), with the exchange that uses it
 _HEADER_FIXED = 4  # iteration, first row, stop row, number of iBOT rows
 
 

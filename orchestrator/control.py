@@ -25,28 +25,18 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import zmq
 
 from dinodist.core.control import messages as m
 from dinodist.core.errors import DinodistError
-
-if TYPE_CHECKING:
-    from dinodist.orchestrator.topology import Control
+from dinodist.orchestrator.topology import Control, check_failure_policy
 
 log = logging.getLogger("dinodist.control")
 
 Status = Literal["expected", "running", "done", "dead", "error"]
 EventKind = Literal["registered", "dead", "error", "done"]
-
-
-def check_failure_policy(policy: str) -> None:
-    if policy == "restart_group":
-        raise DinodistError("control.on_failure: 'restart_group' is not supported yet; use 'stop' "
-                            "(see docs/control-plane.md)")
-    if policy != "stop":
-        raise DinodistError(f"control.on_failure: {policy!r} is not one of 'stop', 'restart_group'")
 
 
 @dataclass

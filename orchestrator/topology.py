@@ -468,8 +468,13 @@ def check_runnable(topo: Topology) -> None:
                 f"students[{i}].shard: {s.shard!r} is not applied by the runtime yet (every student group "
                 "runs FSDP2); use fsdp"
             )
-    if topo.control.on_failure != "stop":
-        raise DinodistError(
-            f"control.on_failure: {topo.control.on_failure!r} is not supported yet; use 'stop' "
-            "(see docs/control-plane.md)"
-        )
+    check_failure_policy(topo.control.on_failure)
+
+
+def check_failure_policy(policy: str) -> None:
+    """The failure policies the supervisor implements (orchestrator/control.py): `stop` only, so far."""
+    if policy == "restart_group":
+        raise DinodistError("control.on_failure: 'restart_group' is not supported yet; use 'stop' "
+                            "(see docs/control-plane.md)")
+    if policy != "stop":
+        raise DinodistError(f"control.on_failure: {policy!r} is not one of 'stop', 'restart_group'")

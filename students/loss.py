@@ -16,7 +16,7 @@ registers them (and the backbone pass that feeds them) as FSDP forward methods.
 
 Every term is a mean over the rank's rows (DINO over crops x rows, iBOT over crops, KoLeo over
 rows per crop, features over rows): on uneven shares students/run.py rescales the total by
-core.targets.loss_scale so the group's averaged gradient is the full-batch gradient.
+core.rows.loss_scale so the group's averaged gradient is the full-batch gradient.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ The same loop serves a live teacher (P2P receives posted one iteration ahead), a
 what makes those runs comparable loss for loss.
 
 Uneven shares (`train.even_batches: false`): rank r of d owns rank_rows(G, d, r); its loss, a mean
-over its rows, is multiplied by core.targets.loss_scale (rows * d / G) before backward because FSDP2
+over its rows, is multiplied by core.rows.loss_scale (rows * d / G) before backward because FSDP2
 averages gradients over the d ranks: the group then steps on the full-batch gradient, as one rank
 holding all G rows would. metrics.jsonl reports the unscaled group-level terms, each the
 rows-weighted mean of the ranks' terms (= the term over the whole batch; the plain mean when even).
@@ -31,7 +31,8 @@ from dinodist.core.data.loader import BatchLoader
 from dinodist.core.data.sources import build_source
 from dinodist.core.errors import DinodistError
 from dinodist.core.models import HeadSpec, build_backbone, load_backbone_state, save_backbone
-from dinodist.core.targets import HEADS, TargetSource, crop_major, loss_scale, masks_from_collated, rank_rows
+from dinodist.core.rows import loss_scale, rank_rows
+from dinodist.core.targets import HEADS, TargetSource, crop_major, masks_from_collated
 from dinodist.core.train.metrics import open_metrics, write_record
 from dinodist.core.train.optim import build_optimizer
 from dinodist.core.train.update import optimizer_step

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dinodist.core.distributed import free_port
 from dinodist.core.errors import DinodistError
+from dinodist.core.net import free_port
 from dinodist.core.targets import (
     HEADS,
     ExchangePlan,

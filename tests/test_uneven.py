@@ -1,6 +1,6 @@
 """The runtime runs what `dinodist plan` plans: uneven per-rank shares and chunked prototype losses.
 
-- One row-split rule (core.targets.rank_rows) for the planner, teacher ranks and student ranks.
+- One row-split rule (core.rows.rank_rows) for the planner, teacher ranks and student ranks.
 - Uneven exchange: a 3-rank teacher (2/3/3 rows) feeds groups whose boundaries cross its own.
 - Chunked losses (train.loss_chunk_rows > 0) give the losses, gradients and parameter updates of the
   unchunked path, through the real inline loop and through the sharded student directly.
@@ -25,8 +25,9 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
-from dinodist.core.distributed import free_port
 from dinodist.core.errors import DinodistError
+from dinodist.core.net import free_port
+from dinodist.core.rows import loss_scale, rank_rows
 from dinodist.core.targets import (
     HEADS,
     ExchangePlan,
@@ -34,8 +35,6 @@ from dinodist.core.targets import (
     TargetDims,
     Targets,
     ibot_counts,
-    loss_scale,
-    rank_rows,
     send_targets,
 )
 

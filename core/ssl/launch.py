@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dinodist.core.distributed import free_port
 from dinodist.core.errors import DinodistError
+from dinodist.core.net import free_port
 
 # An SSL rank may wait in a collective for minutes (a checkpoint save, a slow rank's data loading).
 TIMEOUT_S = 600.0

@@ -41,13 +41,12 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from dinodist.core.data.sources import build_source
     from dinodist.core.eval import extract_features, knn_accuracy, linear_probe
+    from dinodist.core.eval.backbone import load_eval_backbone
 
     for name in ("limit_train", "limit_test", "image_size"):
         v = getattr(args, name)
         if v is not None and v <= 0:
             raise DinodistError(f"--{name.replace('_', '-')} must be positive, got {v}")
-    from dinodist.core.eval.backbone import load_eval_backbone
-
     model, default_size, desc = load_eval_backbone(args.checkpoint, args.arch, args.seed)
     size = args.image_size or default_size or 224
     if size % model.patch_size:
