@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import multiprocessing as mp
 import os
+import re
 import resource
 import shutil
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -15,6 +19,7 @@ import pytest
 import torch
 
 from dinodist.core.errors import DinodistError
+from dinodist.core.procs import pid_alive
 from dinodist.core.target_store import (
     StoreReader,
     StoreWriter,
@@ -460,3 +465,294 @@ def test_bytes_per_image_matches_bytes_on_disk(tmp_path):
     assert bytes_per_image(dtype="int8") < bytes_per_image(dtype="bf16") < bytes_per_image(dtype="fp32")
     with pytest.raises(DinodistError, match="dtype 'fp8'"):
         bytes_per_image(dtype="fp8")
+
+
+# ---------------------------------------------------------------- resume from an iteration, damage, lock
+
+
+def layout(path: Path) -> list[list[int]]:
+    """Iterations per shard, lowest shard first."""
+    r = StoreReader(path)
+    r.refresh()
+    return [list(st.its) for st in r._scanner.shards.values()]
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def closed_last(path: Path):
+    return json.loads((path / fmt.CLOSED_FILE).read_text())["last_iteration"]
+
+
+@pytest.mark.parametrize("where", ["inside-shard", "shard-boundary", "zero", "after-last"])
+def test_resume_from_cuts_the_records_it_will_recompute(tmp_path, where):
+    d = tmp_path / "s"
+    write_store(d, 12, "fp32", shard_bytes=8192)
+    per_shard = layout(d)
+    # A shard holding two records after a shard holding one: a cut inside it and at its start.
+    j = next(j for j, its in enumerate(per_shard) if len(its) == 2 and j > 0 and j < len(per_shard) - 1)
+    k = {"inside-shard": per_shard[j][1], "shard-boundary": per_shard[j][0], "zero": 0, "after-last": 12}
+    k = k[where]
+    shards_kept = {"inside-shard": j + 1, "shard-boundary": j, "zero": 1, "after-last": len(per_shard)}[where]
+    with StoreWriter(d, manifest(), dtype="fp32", shard_bytes=8192, resume=True, resume_from=k) as w:
+        assert not (d / fmt.CLOSED_FILE).exists()  # being written again
+        assert w.last_iteration == (k - 1 if k else None)
+        # What a reader sees before anything new is appended: exactly the iterations below k.
+        assert StoreReader(d).iterations() == list(range(k))
+        assert len(list(d.glob("shard-*.idx"))) == len(list(d.glob("shard-*.bin"))) == shards_kept
+        # Cut to the byte: no bytes of a cut record stay behind in a data or index file.
+        r = StoreReader(d)
+        r.refresh()
+        for st in r._scanner.shards.values():
+            assert (d / fmt.shard_name(st.k, "bin")).stat().st_size == st.data_end
+            assert (d / fmt.shard_name(st.k, "idx")).stat().st_size == st.index_end
+        if k:
+            with pytest.raises(DinodistError, match=f"iteration {k - 1} appended after {k - 1}"):
+                w.append(k - 1, *targets(k - 1))
+        # The resumed teacher's records differ from the old ones: only the new ones may be read back.
+        for it in range(k, 14):
+            w.append(it, *targets(it + 100))
+    r = StoreReader(d)
+    assert r.iterations() == list(range(14)) and closed_last(d) == 13 and r.check_closed()
+    for it, got, meta in r:
+        want, want_meta = targets(it if it < k else it + 100)
+        assert torch.equal(got["ibot"], want["ibot"]) and meta == want_meta, it
+    assert r.manifest["teacher_hash"] == manifest()["teacher_hash"]
+
+
+def test_resume_from_refuses_a_gap_and_leaves_the_store_untouched(tmp_path):
+    d = tmp_path / "s"
+    write_store(d, 6, "fp32", shard_bytes=8192)
+    before = snapshot(d)
+    with pytest.raises(DinodistError, match=r"cannot resume the target store from iteration 8: it lacks "
+                                            r"iteration 6 \(it holds iterations 0\.\.5\)") as e:
+        StoreWriter(d, manifest(), dtype="fp32", resume=True, resume_from=8)
+    assert "\n" not in str(e.value)
+    assert snapshot(d) == before  # CLOSED included: a refused resume changes nothing (and leaves no lock)
+    with pytest.raises(DinodistError, match="resume_from=3 needs resume=True"):
+        StoreWriter(d, manifest(), dtype="fp32", resume_from=3)
+    with pytest.raises(DinodistError, match="resume_from must be a non-negative int"):
+        StoreWriter(d, manifest(), dtype="fp32", resume=True, resume_from=-1)
+    with pytest.raises(DinodistError, match="no manifest.json and no records, so iterations 0..4"):
+        StoreWriter(tmp_path / "new", manifest(), resume=True, resume_from=5)
+    # A store that itself skipped an iteration cannot be resumed inside the hole either.
+    with StoreWriter(tmp_path / "holey", manifest(), dtype="fp32") as w:
+        for it in (0, 1, 3, 4):
+            w.append(it, *targets(it))
+    with pytest.raises(DinodistError, match="from iteration 4: it lacks iteration 2"):
+        StoreWriter(tmp_path / "holey", manifest(), dtype="fp32", resume=True, resume_from=4)
+    # A store may start above 0 (its writer began there): only a hole after its start is refused.
+    with StoreWriter(tmp_path / "late", manifest(), dtype="fp32") as w:
+        for it in (3, 4, 5):
+            w.append(it, *targets(it))
+    StoreWriter(tmp_path / "late", manifest(), dtype="fp32", resume=True, resume_from=5).close()
+    assert StoreReader(tmp_path / "late").iterations() == [3, 4]
+    # last + 1 is plain resume, whatever the store holds.
+    StoreWriter(tmp_path / "holey", manifest(), dtype="fp32", resume=True, resume_from=5).close()
+    assert StoreReader(tmp_path / "holey").iterations() == [0, 1, 3, 4]
+    StoreWriter(d, manifest(), dtype="fp32", resume=True, resume_from=6).close()
+    assert StoreReader(d).iterations() == list(range(6)) and closed_last(d) == 5
+
+
+def _fixed(it: int) -> dict[str, torch.Tensor]:
+    return {"x": torch.full((64,), float(it))}  # 256 bytes: two records per 512-byte shard
+
+
+def test_retention_is_recorded_and_resume_respects_it(tmp_path):
+    d = tmp_path / "s"
+    with StoreWriter(d, manifest(), dtype="fp32", retain=2, shard_bytes=512, async_write=False) as w:
+        for it in range(10):
+            w.append(it, _fixed(it))
+    assert layout(d) == [[8, 9]]
+    assert json.loads((d / fmt.RETENTION_FILE).read_text()) == {"first_shard": 4, "first_iteration": 8}
+    r = StoreReader(d)
+    assert r.iterations() == [8, 9] and r.check_closed()
+    with pytest.raises(DinodistError, match="iteration 3 was deleted \\(store retention\\)"):
+        r.read(3)
+    # A crash between recording a deletion and making it leaves shards below the first one: readers
+    # skip them, a resume finishes the deletion.
+    shutil.copy(d / "shard-00004.bin", d / "shard-00001.bin")
+    shutil.copy(d / "shard-00004.idx", d / "shard-00001.idx")
+    assert StoreReader(d).iterations() == [8, 9]
+    with pytest.raises(DinodistError, match="retention already deleted the iterations before 8"):
+        StoreWriter(d, manifest(), dtype="fp32", resume=True, resume_from=5)
+    assert (d / "shard-00001.idx").exists()  # refused: nothing changed
+    StoreWriter(d, manifest(), dtype="fp32", resume=True, resume_from=9).close()
+    assert not (d / "shard-00001.idx").exists() and not (d / "shard-00001.bin").exists()
+    assert StoreReader(d).iterations() == [8]
+    # 0 starts over: shard numbers keep growing, and retention's old point no longer hides anything.
+    with StoreWriter(d, manifest(), dtype="fp32", resume=True, resume_from=0, shard_bytes=512) as w:
+        assert StoreReader(d).iterations() == []
+        for it in range(3):
+            w.append(it, _fixed(it))
+    assert json.loads((d / fmt.RETENTION_FILE).read_text()) == {"first_shard": 4, "first_iteration": 0}
+    assert layout(d) == [[0, 1], [2]] and sorted(p.name for p in d.glob("*.idx"))[0] == "shard-00004.idx"
+
+
+def test_damaged_non_final_shard_is_an_error_and_resume_deletes_nothing(tmp_path):
+    src = tmp_path / "src"
+    write_store(src, 12, "fp32", shard_bytes=8192)
+    assert len(layout(src)) > 3
+    idx0 = fmt.shard_name(0, "idx")
+    size0 = (src / idx0).stat().st_size
+    cases = {
+        "torn-index": (idx0, size0 - 5,
+                       r"shard-00000\.idx: torn index record at byte \d+, but shard 0 is not the last one"),
+        "short-data": (fmt.shard_name(0, "bin"), 100,
+                       r"shard-00000\.bin: shorter than its index says \(iteration 0\), but shard 0 is not"),
+    }
+    for name, (file, size, msg) in cases.items():
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        os.truncate(d / file, size)
+        (d / fmt.CLOSED_FILE).unlink()  # as after a crash: the reader must not lean on the marker
+        with pytest.raises(DinodistError, match=msg):
+            StoreReader(d).iterations()
+        with pytest.raises(DinodistError, match=msg):
+            list(StoreReader(d))
+        before = snapshot(d)
+        for resume_from in (None, 1, 8):
+            with pytest.raises(DinodistError, match=msg):
+                StoreWriter(d, manifest(), dtype="fp32", resume=True, resume_from=resume_from)
+            assert snapshot(d) == before, (name, resume_from)
+
+
+def test_missing_shard_is_an_error_unless_retention_removed_it(tmp_path):
+    src = tmp_path / "src"
+    write_store(src, 12, "fp32", shard_bytes=8192)
+    for k in (0, 2):
+        d = tmp_path / f"lost{k}"
+        shutil.copytree(src, d)
+        for ext in ("idx", "bin"):
+            (d / fmt.shard_name(k, ext)).unlink()
+        msg = rf"shard-0000{k}\.idx: shard {k} is missing \(retention deleted no shard\)"
+        with pytest.raises(DinodistError, match=msg):
+            StoreReader(d).iterations()
+        before = snapshot(d)
+        with pytest.raises(DinodistError, match=msg):
+            StoreWriter(d, manifest(), dtype="fp32", resume=True)
+        assert snapshot(d) == before
+    # Below retention's first shard nothing is expected; from it on, every shard is.
+    d = tmp_path / "ret"
+    with StoreWriter(d, manifest(), dtype="fp32", retain=3, shard_bytes=512, async_write=False) as w:
+        for it in range(12):
+            w.append(it, _fixed(it))
+    assert layout(d) == [[8, 9], [10, 11]]
+    (d / fmt.shard_name(4, "idx")).unlink()
+    with pytest.raises(DinodistError, match=r"shard-00004\.idx: shard 4 is missing \(retention deleted only "
+                                            r"the shards below 4\)"):
+        StoreReader(d).iterations()
+
+
+def test_iterating_reader_never_skips_records_retention_deleted(tmp_path):
+    d = tmp_path / "s"
+    w = StoreWriter(d, manifest(), dtype="fp32", retain=2, shard_bytes=512, async_write=False)
+    w.append(0, _fixed(0))
+    walk = iter(StoreReader(d))
+    assert next(walk)[0] == 0
+    for it in range(1, 6):  # shard 0 (0, 1) and shard 1 (2, 3) go before the reader gets to 1
+        w.append(it, _fixed(it))
+    w.close()
+    with pytest.raises(DinodistError, match=r"after iteration 0 up to 3 were deleted \(store retention\)"):
+        next(walk)
+
+
+def test_reader_of_a_store_resumed_from_an_earlier_iteration_stops(tmp_path):
+    d = tmp_path / "s"
+    write_store(d, 12, "fp32", shard_bytes=8192)
+    per_shard = layout(d)
+    r = StoreReader(d)
+    assert r.iterations() == list(range(12))
+    StoreWriter(d, manifest(), dtype="fp32", resume=True, resume_from=per_shard[0][1]).close()
+    with pytest.raises(DinodistError, match=r"shard-00001\.idx: removed while the store was being read, "
+                                            "and not by retention"):
+        r.iterations()
+    d = tmp_path / "one"
+    write_store(d, 4, "fp32")
+    r = StoreReader(d)
+    assert r.iterations() == [0, 1, 2, 3]
+    StoreWriter(d, manifest(), dtype="fp32", resume=True, resume_from=2).close()
+    with pytest.raises(DinodistError, match=r"shard-00000\.idx: shrank from \d+ to \d+ bytes"):
+        r.iterations()
+
+
+def test_closed_marker_is_checked_against_the_last_record(tmp_path):
+    d = tmp_path / "s"
+    write_store(d, 4, "fp32")
+    assert closed_last(d) == 3 and StoreReader(d).check_closed()
+    write_store(tmp_path / "empty", 0)
+    assert closed_last(tmp_path / "empty") is None and StoreReader(tmp_path / "empty").check_closed()
+    # The last index record lost after the close (whole frames gone, so it is no torn tail).
+    index = (d / fmt.shard_name(0, "idx")).read_bytes()
+    pos = 0
+    for _ in range(3):
+        pos = fmt.unframe(index, pos).end
+    os.truncate(d / fmt.shard_name(0, "idx"), pos)
+    msg = r"CLOSED: the writer closed the store after iteration 3 but the last complete record is iteration 2"
+    # iterations() lists what is on disk; the marker is checked where a reader relies on it.
+    assert StoreReader(d).iterations() == [0, 1, 2]
+    assert StoreReader(d).closed()
+    with pytest.raises(DinodistError, match=msg):
+        StoreReader(d).check_closed()
+    got = []
+    with pytest.raises(DinodistError, match=msg):
+        for it, _, _ in StoreReader(d):
+            got.append(it)
+    assert got == [0, 1, 2]
+    with pytest.raises(DinodistError, match=msg):
+        list(StoreReader(d, follow=True, poll_s=0.01, timeout_s=5))
+    # A record after the close is as wrong as one missing.
+    (d / fmt.CLOSED_FILE).write_text(json.dumps({"last_iteration": 1}))
+    with pytest.raises(DinodistError, match="after iteration 1 but the last complete record is iteration 2"):
+        list(StoreReader(d))
+
+
+def _lock(path: Path) -> dict:
+    return json.loads((path / fmt.LOCK_FILE).read_text())
+
+
+def test_one_writer_at_a_time(tmp_path, caplog):
+    d = tmp_path / "s"
+    w = StoreWriter(d, manifest(), dtype="fp32")
+    held = _lock(d)
+    assert held["pid"] == os.getpid() and held["host"] == socket.gethostname() and held["started"]
+    holder = rf"writer\.lock: target store is being written by pid {os.getpid()} on {re.escape(held['host'])}"
+    for resume in (True, False):
+        with pytest.raises(DinodistError, match=holder):
+            StoreWriter(d, manifest(), dtype="fp32", resume=resume)
+    with pytest.raises(DinodistError, match=holder):
+        StoreWriter(d, manifest(), dtype="fp32", resume=True, resume_from=0)
+    w.append(0, *targets(0))
+    w.close()
+    assert not (d / fmt.LOCK_FILE).exists() and StoreReader(d).iterations() == [0]
+    # Released on failure too: in the body, and while opening (an incompatible manifest).
+    with pytest.raises(RuntimeError):
+        with StoreWriter(d, manifest(), dtype="fp32", resume=True):
+            raise RuntimeError("teacher failed")
+    assert not (d / fmt.LOCK_FILE).exists()
+    with pytest.raises(DinodistError, match="'teacher_hash'"):
+        StoreWriter(d, manifest(teacher_hash="sha256:00"), dtype="fp32", resume=True)
+    assert not (d / fmt.LOCK_FILE).exists()
+    # A writer that died (its pid is gone) is taken over, with a warning.
+    dead = next(p for p in range(4_000_000, 1000, -1) if not Path(f"/proc/{p}").exists() and not pid_alive(p))
+    stale = {"host": socket.gethostname(), "pid": dead, "started": "2020-01-01T00:00:00+00:00"}
+    (d / fmt.LOCK_FILE).write_text(json.dumps(stale))
+    with caplog.at_level(logging.WARNING, logger="dinodist.core.target_store.lock"):
+        w = StoreWriter(d, manifest(), dtype="fp32", resume=True)
+    assert f"took over a stale target store lock of pid {dead}" in caplog.text
+    assert f"pid {dead} is not running" in caplog.text and _lock(d)["pid"] == os.getpid()
+    w.close()
+    # A live pid whose process started at another time is a reused pid: stale as well.
+    if held.get("pid_start") is not None:
+        (d / fmt.LOCK_FILE).write_text(json.dumps(dict(held, pid_start=held["pid_start"] + 1)))
+        StoreWriter(d, manifest(), dtype="fp32", resume=True).close()
+        assert "now belongs to another process" in caplog.text
+    # Another host's writer cannot be checked from here: refused, as is a lock nobody can read.
+    (d / fmt.LOCK_FILE).write_text(json.dumps(dict(stale, host="elsewhere.invalid")))
+    with pytest.raises(DinodistError, match=f"pid {dead} on elsewhere.invalid .*another host"):
+        StoreWriter(d, manifest(), dtype="fp32", resume=True)
+    (d / fmt.LOCK_FILE).write_text("{")
+    with pytest.raises(DinodistError, match="unreadable target store lock"):
+        StoreWriter(d, manifest(), dtype="fp32", resume=True)
+    assert StoreReader(d).iterations() == [0]

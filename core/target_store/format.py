@@ -6,7 +6,9 @@ A store is a directory (spec: docs/target-store.md):
     last_layers.bin      the teacher heads' prototype layers, one framed blob, written atomically
     shard-00000.bin      raw tensor bytes of consecutive iterations, append-only
     shard-00000.idx      one framed msgpack record per iteration of that shard, append-only
-    CLOSED               present once the writer has closed the store
+    retention.json       lowest shard / iteration retention kept, once it has deleted any
+    writer.lock          host, pid and start time of the one writer that has the store open
+    CLOSED               present once the writer has closed the store; names the last iteration
 
 An index record is appended only after its data bytes are in the shard, and is framed as
 MAGIC | u32 payload length | u32 crc32(length + payload) | msgpack payload, so a reader takes
@@ -42,7 +44,10 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 LAST_LAYERS_FILE = "last_layers.bin"
 CLOSED_FILE = "CLOSED"
+RETENTION_FILE = "retention.json"
+LOCK_FILE = "writer.lock"
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.idx$")
+SHARD_FILE_RE = re.compile(r"^shard-(\d{5,})\.(idx|bin)$")
 INDEX_MAGIC = b"DDIX"
 LAST_LAYERS_MAGIC = b"DDLL"
 FRAME = struct.Struct("<4sII")  # magic, payload length, crc32 of (length bytes + payload)
@@ -147,6 +152,55 @@ def check_compatible(manifest: dict, expected: dict) -> None:
 def _short(v: Any, n: int = 80) -> str:
     s = json.dumps(v, sort_keys=True)
     return s if len(s) <= n else s[: n - 3] + "..."
+
+
+# ---------------------------------------------------------------- state files
+
+
+def _read_state(path: Path) -> dict | None:
+    try:
+        raw = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise DinodistError(f"{path}: cannot read ({e.strerror})") from e
+    try:
+        d = json.loads(raw)
+    except ValueError as e:
+        raise DinodistError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise DinodistError(f"{path}: must be a JSON object")
+    return d
+
+
+def _nonneg(d: dict, key: str, path: Path, allow_none: bool = False) -> int | None:
+    v = d.get(key)
+    if v is None and allow_none:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise DinodistError(f"{path}: field '{key}' must be a non-negative int, got {v!r}")
+    return v
+
+
+def read_retention(store: Path) -> tuple[int, int]:
+    """(first_shard, first_iteration) that retention kept: shards and iterations below them were
+    deleted on purpose. (0, 0) when retention never deleted anything."""
+    path = store / RETENTION_FILE
+    d = _read_state(path)
+    if d is None:
+        return 0, 0
+    return _nonneg(d, "first_shard", path), _nonneg(d, "first_iteration", path)
+
+
+def read_closed(store: Path) -> tuple[bool, int | None]:
+    """(whether CLOSED exists, the last iteration it names; None for a store closed empty)."""
+    path = store / CLOSED_FILE
+    d = _read_state(path)
+    if d is None:
+        return False, None
+    if "last_iteration" not in d:
+        raise DinodistError(f"{path}: missing field 'last_iteration'")
+    return True, _nonneg(d, "last_iteration", path, allow_none=True)
 
 
 # ---------------------------------------------------------------- framing

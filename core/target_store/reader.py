@@ -1,8 +1,8 @@
 """StoreReader: random access to, and live tailing of, a target store.
 
-Only complete records are visible: an index record that is short, or whose data runs past the end
-of its .bin file, ends the store (for now, in follow mode). Every read checks the record's blake2b
-digest before decoding.
+Only complete records are visible: an index record of the final shard that is short, or whose data
+runs past the end of its .bin file, ends the store (for now, in follow mode); in any other shard it
+is damage and raises. Every read checks the record's blake2b digest before decoding.
 """
 
 from __future__ import annotations
@@ -51,59 +51,96 @@ def list_shards(path: Path) -> list[int]:
 
 
 class _Scanner:
-    """Incremental scan of the shard indexes: each call reads only the bytes added since the last."""
+    """Incremental scan of the shard indexes: each call reads only the bytes added since the last.
+
+    Only the final shard may end in a torn record (a crash mid-write). Anything else that is not a
+    complete record (a torn or truncated shard below the final one, a shard missing from the
+    numbering that retention did not delete, an index that shrank) raises DinodistError naming the
+    file: treating it as the end of the store would silently drop the later shards.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.shards: dict[int, ShardScan] = {}
-        self.stopped_at: int | None = None  # shard whose torn tail ends the store although later shards exist
         self.last_iteration: int | None = None
+        self.first_shard = 0  # retention deleted the shards below this one ...
+        self.first_iteration = 0  # ... and with them every iteration below this one
 
     def refresh(self) -> int:
         """Scan for new complete records; returns how many were found."""
         new = 0
-        if self.stopped_at is not None:
-            return new
-        # Listing before parsing: every shard below the highest listed one is already finished.
+        # Listing before reading the retention record, which retention writes before it deletes:
+        # a shard missing from this listing but not below the record's first shard was lost.
+        # Listing before parsing, too: every shard below the highest listed one is already finished.
         listed = list_shards(self.path)
-        for gone in [k for k in self.shards if k not in listed]:
-            del self.shards[gone]
-        for i, k in enumerate(listed):
+        self.first_shard, self.first_iteration = fmt.read_retention(self.path)
+        for k in list(self.shards):
+            if k < self.first_shard:
+                del self.shards[k]
+            elif k not in listed:
+                raise DinodistError(
+                    f"{self.path / fmt.shard_name(k, 'idx')}: removed while the store was being read, and "
+                    "not by retention (a writer resumed the store from an earlier iteration?)"
+                )
+        kept = [k for k in listed if k >= self.first_shard]
+        for want, k in enumerate(kept, start=self.first_shard):
+            if k != want:
+                raise self._missing(want)
+        for i, k in enumerate(kept):
             st = self.shards.setdefault(k, ShardScan(k))
             if st.done:
                 continue
-            found = self._parse(st)
-            if found < 0:  # deleted by retention between listing and reading: not a gap in the store
-                del self.shards[k]
-                continue
+            final = i == len(kept) - 1
+            found = self._parse(st, final)
+            if found < 0:
+                # Gone between listing and reading: fine only if retention deleted it meanwhile.
+                self.first_shard, self.first_iteration = fmt.read_retention(self.path)
+                if k < self.first_shard:
+                    del self.shards[k]
+                    continue
+                raise self._missing(k)
             new += found
-            last_listed = i == len(listed) - 1
-            if st.torn:
-                if not last_listed:
-                    self.stopped_at = k
-                break
-            if not last_listed:
+            if not final:
                 st.done = True
         return new
 
-    def _parse(self, st: ShardScan) -> int:
+    def _missing(self, k: int) -> DinodistError:
+        kept = (f"retention deleted only the shards below {self.first_shard}" if self.first_shard
+                else "retention deleted no shard")
+        return DinodistError(f"{self.path / fmt.shard_name(k, 'idx')}: shard {k} is missing ({kept})")
+
+    def _parse(self, st: ShardScan, final: bool) -> int:
         """Read the complete records added to one shard; -1 if the shard no longer exists."""
         idx_path = self.path / fmt.shard_name(st.k, "idx")
+        bin_path = self.path / fmt.shard_name(st.k, "bin")
         try:
             with open(idx_path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
                 f.seek(st.index_end)
                 buf = f.read()
-            data_size = os.stat(self.path / fmt.shard_name(st.k, "bin")).st_size
+            data_size = os.stat(bin_path).st_size
         except FileNotFoundError:
             return -1
+        except OSError as e:
+            raise DinodistError(f"{idx_path}: cannot read ({e.strerror})") from e
+        if size < st.index_end:
+            raise DinodistError(
+                f"{idx_path}: shrank from {st.index_end} to {size} bytes while being read "
+                "(a writer resumed the store from an earlier iteration?)"
+            )
         found = 0
         pos = 0
         st.torn = False
+        later = f"but shard {st.k} is not the last one, so this is damage, not a crash mid-write"
         while pos < len(buf):
             fr = fmt.unframe(buf, pos)
             if fr.status == "bad" and not _is_torn_tail(buf, pos):
                 raise DinodistError(f"{idx_path}: corrupt index record at byte {st.index_end + pos}")
             if fr.status != "ok":
+                if not final:
+                    raise DinodistError(
+                        f"{idx_path}: torn index record at byte {st.index_end + pos}, {later}"
+                    )
                 st.torn = True
                 break
             try:
@@ -113,6 +150,10 @@ class _Scanner:
                     f"{idx_path}: malformed index record at byte {st.index_end + pos} ({e})"
                 ) from e
             if rec.end > data_size:
+                if not final:
+                    raise DinodistError(
+                        f"{bin_path}: shorter than its index says (iteration {rec.iteration}), {later}"
+                    )
                 st.torn = True  # data truncated: the store ends before this record
                 break
             if rec.start < st.data_end or (
@@ -144,13 +185,35 @@ def _is_torn_tail(buf: bytes, pos: int) -> bool:
     return True
 
 
-def scan_shards(path: str | Path) -> tuple[list[ShardScan], list[int]]:
-    """All complete shards of a store, up to where it ends, and the shards after that end (stale)."""
+def scan_store(path: str | Path) -> _Scanner:
+    """Every complete record of a store, or DinodistError naming the first damaged or missing shard."""
     sc = _Scanner(Path(path))
     sc.refresh()
-    keep = [st for st in sc.shards.values() if sc.stopped_at is None or st.k <= sc.stopped_at]
-    stale = [k for k in list_shards(Path(path)) if sc.stopped_at is not None and k > sc.stopped_at]
-    return keep, stale
+    return sc
+
+
+def read_record(path: Path, k: int, pos: int, iteration: int) -> fmt.Record:
+    """The index record of `iteration`, found by an earlier scan at byte `pos` of shard k's index."""
+    idx_path = path / fmt.shard_name(k, "idx")
+    try:
+        with open(idx_path, "rb") as f:
+            f.seek(pos)
+            head = f.read(fmt.FRAME.size)
+            n = fmt.FRAME.unpack(head)[1] if len(head) == fmt.FRAME.size else 0
+            fr = fmt.unframe(head + f.read(n), 0)
+    except FileNotFoundError as e:
+        raise DinodistError(
+            f"{idx_path}: iteration {iteration} was deleted (store retention) before it was read"
+        ) from e
+    if fr.status != "ok":
+        raise DinodistError(f"{idx_path}: index record of iteration {iteration} changed after it was written")
+    try:
+        rec = fmt.parse_record(fr.payload, k)
+    except (ValueError, TypeError) as e:
+        raise DinodistError(f"{idx_path}: malformed index record of iteration {iteration} ({e})") from e
+    if rec.iteration != iteration:
+        raise DinodistError(f"{idx_path}: index record of iteration {iteration} changed after it was written")
+    return rec
 
 
 class StoreReader:
@@ -192,8 +255,26 @@ class StoreReader:
         return out
 
     def closed(self) -> bool:
-        """Whether the writer has closed the store (no more records will come)."""
+        """Whether the writer has closed the store (no more records will come). `check_closed` also
+        checks the marker against the records."""
         return (self.path / fmt.CLOSED_FILE).exists()
+
+    def check_closed(self) -> bool:
+        """Whether the writer has closed the store; DinodistError if `CLOSED` names another last
+        iteration than the last complete record (records lost, or written, after the close)."""
+        # CLOSED is read before the scan: the writer writes it only once every record is on disk,
+        # so the scan that follows sees them all.
+        closed, last = fmt.read_closed(self.path)
+        if not closed:
+            return False
+        self.refresh()
+        have = self._scanner.last_iteration
+        if have != last:
+            raise DinodistError(
+                f"{self.path / fmt.CLOSED_FILE}: the writer closed the store after iteration {last} but the "
+                f"last complete record is {'none' if have is None else f'iteration {have}'}"
+            )
+        return True
 
     def _find(self, iteration: int) -> tuple[ShardScan, int] | None:
         for st in self._scanner.shards.values():
@@ -219,32 +300,16 @@ class StoreReader:
             hit = self._find(iteration)
         if hit is None:
             its = self.iterations()
+            if iteration < self._scanner.first_iteration:
+                raise DinodistError(
+                    f"{self.path}: iteration {iteration} was deleted (store retention) before it was read"
+                )
             have = f"{its[0]}..{its[-1]}" if its else "none"
             raise DinodistError(f"{self.path}: iteration {iteration} is not in the target store (has {have})")
         return self._load(*hit)
 
     def _record(self, st: ShardScan, i: int) -> fmt.Record:
-        idx_path = self.path / fmt.shard_name(st.k, "idx")
-        it = st.its[i]
-        try:
-            with open(idx_path, "rb") as f:
-                f.seek(st.pos[i])
-                head = f.read(fmt.FRAME.size)
-                n = fmt.FRAME.unpack(head)[1] if len(head) == fmt.FRAME.size else 0
-                fr = fmt.unframe(head + f.read(n), 0)
-        except FileNotFoundError as e:
-            raise DinodistError(
-                f"{idx_path}: iteration {it} was deleted (store retention) before it was read"
-            ) from e
-        if fr.status != "ok":
-            raise DinodistError(f"{idx_path}: index record of iteration {it} changed after it was written")
-        try:
-            rec = fmt.parse_record(fr.payload, st.k)
-        except (ValueError, TypeError) as e:
-            raise DinodistError(f"{idx_path}: malformed index record of iteration {it} ({e})") from e
-        if rec.iteration != it:
-            raise DinodistError(f"{idx_path}: index record of iteration {it} changed after it was written")
-        return rec
+        return read_record(self.path, st.k, st.pos[i], st.its[i])
 
     def _load(self, st: ShardScan, i: int) -> tuple[dict[str, torch.Tensor], dict]:
         rec = self._record(st, i)
@@ -327,6 +392,12 @@ class StoreReader:
             if hit is None:
                 self.refresh()
                 hit = self._next_after(last)
+            first = self._scanner.first_iteration
+            if last is not None and first > last + 1:
+                raise DinodistError(
+                    f"{self.path}: the records after iteration {last} up to {first - 1} were deleted "
+                    "(store retention) before they were read"
+                )
             if hit is not None:
                 tensors, meta = self._load(*hit)
                 last = hit[0].its[hit[1]]
@@ -334,6 +405,9 @@ class StoreReader:
                 last_progress = time.monotonic()
                 continue
             if not self.follow or saw_closed:
+                # The end of the records must be where the writer said it closed the store.
+                if self.check_closed() and self._next_after(last) is not None:
+                    continue
                 return
             if self.closed():
                 saw_closed = True  # one more scan: records finished before the marker are visible now

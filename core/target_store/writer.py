@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import time
+from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 
 from dinodist.core.errors import DinodistError
 from dinodist.core.target_store import format as fmt
+from dinodist.core.target_store.lock import WriterLock
 from dinodist.core.target_store.quant import dtype_name, encode
 from dinodist.core.target_store.sizes import FLOAT_ENCODINGS
 
@@ -70,9 +72,13 @@ class StoreWriter:
     tensors are stored as they are. retain: keep every iteration (None) or at least the last N:
     whole shards whose newest iteration is older than the window are deleted, so up to one
     shard more than N iterations stays on disk. resume: reopen an existing store with the same
-    manifest and append after its last complete record (a torn tail is cut off first).
+    manifest and append after its last complete record (a torn tail of the final shard is cut off
+    first). resume_from (with resume=True): keep only the records of iterations below it and cut
+    off the rest, which the resumed teacher recomputes; refused unless the store holds every
+    iteration from its first record up to resume_from - 1 (0 empties the store).
     fsync: also fsync data and index (power-loss safety); without it a killed process still
     leaves a readable store, since the index record is written only after its data.
+    Only one writer may have a store open (`writer.lock`); a second one raises DinodistError.
     """
 
     def __init__(
@@ -86,6 +92,7 @@ class StoreWriter:
         max_queue: int = 4,
         resume: bool = False,
         fsync: bool = False,
+        resume_from: int | None = None,
     ) -> None:
         if dtype not in FLOAT_ENCODINGS:
             raise DinodistError(f"target store: dtype {dtype!r} is not one of {list(FLOAT_ENCODINGS)}")
@@ -95,6 +102,13 @@ class StoreWriter:
             raise DinodistError(f"target store: shard_bytes must be at least {fmt.ALIGN}, got {shard_bytes}")
         if max_queue < 1:
             raise DinodistError(f"target store: max_queue must be at least 1, got {max_queue}")
+        if resume_from is not None:
+            if not resume:
+                raise DinodistError(f"{path}: target store resume_from={resume_from!r} needs resume=True")
+            if not isinstance(resume_from, int) or isinstance(resume_from, bool) or resume_from < 0:
+                raise DinodistError(
+                    f"{path}: target store resume_from must be a non-negative int, got {resume_from!r}"
+                )
         self.path = Path(path)
         self.dtype = dtype
         self.retain = retain
@@ -105,6 +119,8 @@ class StoreWriter:
         m.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         self._shards: list[_Shard] = []  # oldest first; the last one is open for appends
         self._last_enqueued: int | None = None
+        self._last_written: int | None = None  # newest record on disk: what CLOSED names
+        self._first_iteration = 0  # retention deleted every iteration below it: none may come again
         self._error: BaseException | None = None
         self._closed = False
         self._lock = threading.Condition()
@@ -112,22 +128,33 @@ class StoreWriter:
         self.stats = {"records": 0, "bytes": 0, "write_seconds": 0.0, "blocked_seconds": 0.0}
 
         manifest_path = self.path / fmt.MANIFEST_FILE
-        if manifest_path.exists():
-            if not resume:
-                raise DinodistError(f"{self.path}: target store already exists (resume=True appends to it)")
-            old = _read_json(manifest_path)
-            expected = {k: v for k, v in m.items() if k not in ("created",)}
-            fmt.check_compatible(old, expected)
-            self.manifest = old
-            self._recover()
-        else:
-            try:
-                self.path.mkdir(parents=True, exist_ok=True)
-                _atomic_write(manifest_path, json.dumps(m, indent=2, sort_keys=True).encode())
-            except OSError as e:
-                raise DinodistError(f"{self.path}: cannot create target store ({e.strerror})") from e
-            self.manifest = m
-            self._open_shard(0)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DinodistError(f"{self.path}: cannot create target store ({e.strerror})") from e
+        # Taken before anything is read or changed: another live writer must not see its records cut.
+        self._writer_lock = WriterLock(self.path)
+        try:
+            if manifest_path.exists():
+                if not resume:
+                    raise DinodistError(
+                        f"{self.path}: target store already exists (resume=True appends to it)"
+                    )
+                old = _read_json(manifest_path)
+                expected = {k: v for k, v in m.items() if k not in ("created",)}
+                fmt.check_compatible(old, expected)
+                self.manifest = old
+                self._recover(resume_from)
+            else:
+                self._create(m, resume_from)
+        except BaseException as e:
+            for s in self._shards[-1:]:
+                _close_fds(s)
+            self._writer_lock.release()
+            if isinstance(e, OSError):
+                where = e.filename or self.path
+                raise DinodistError(f"{where}: cannot open target store ({e.strerror or e})") from e
+            raise
 
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -186,6 +213,11 @@ class StoreWriter:
             raise DinodistError(
                 f"{self.path}: iteration {iteration} appended after {self._last_enqueued} (must increase)"
             )
+        if iteration < self._first_iteration:
+            raise DinodistError(
+                f"{self.path}: iteration {iteration} is below {self._first_iteration}, where store retention "
+                "already deleted the records before it"
+            )
         meta = {} if meta is None else meta
         try:
             msgpack.packb(meta, use_bin_type=True)
@@ -234,19 +266,19 @@ class StoreWriter:
             self._check_error()
             return
         try:
-            self.flush()
+            try:
+                self.flush()
+            finally:
+                self._stop()
+            # Naming the last iteration lets a reader tell a whole closed store from one that lost
+            # records after the close.
+            closed = {"last_iteration": self._last_written}
+            try:
+                _atomic_write(self.path / fmt.CLOSED_FILE, json.dumps(closed).encode())
+            except OSError as e:
+                raise DinodistError(f"{self.path / fmt.CLOSED_FILE}: cannot write ({e.strerror})") from e
         finally:
-            self._closed = True
-            if self._queue is not None:
-                self._queue.put(None)
-                self._thread.join()
-            for s in self._shards[-1:]:
-                _close_fds(s)
-        last = self._shards[-1].last_iteration if self._shards else None
-        try:
-            _atomic_write(self.path / fmt.CLOSED_FILE, json.dumps({"last_iteration": last}).encode())
-        except OSError as e:
-            raise DinodistError(f"{self.path / fmt.CLOSED_FILE}: cannot write ({e.strerror})") from e
+            self._writer_lock.release()
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -337,6 +369,7 @@ class StoreWriter:
             e.filename = e.filename or str(self.path / name)  # os.write errors carry no file name
             raise
         shard.last_iteration = iteration
+        self._last_written = iteration
         self.stats["records"] += 1
         self.stats["bytes"] += pos - start
         self.stats["write_seconds"] += time.perf_counter() - t0
@@ -369,50 +402,151 @@ class StoreWriter:
         if self.retain is None:
             return
         keep_from = newest - self.retain + 1
+        drop: list[_Shard] = []
         while (
             len(self._shards) > 1
             and self._shards[0].last_iteration is not None
             and self._shards[0].last_iteration < keep_from
         ):
-            s = self._shards.pop(0)
-            # Index first: a reader listing shards then never meets an index without its data.
-            for ext in ("idx", "bin"):
-                try:
-                    os.unlink(self.path / fmt.shard_name(s.k, ext))
-                except FileNotFoundError:
-                    pass
+            drop.append(self._shards.pop(0))
+        if not drop:
+            return
+        # Recorded before anything is deleted: a reader (or a resume) that then misses these shards
+        # knows retention removed them, where a missing shard would otherwise mean lost data.
+        self._first_iteration = drop[-1].last_iteration + 1
+        self._write_retention(self._shards[0].k)
+        for s in drop:
+            self._delete_shard(s.k)
 
-    def _recover(self) -> None:
-        """Reopen an existing store: find the last complete record, cut any torn tail, reopen shards."""
-        from dinodist.core.target_store.reader import scan_shards  # one scanner for writer and reader
+    def _write_retention(self, first_shard: int) -> None:
+        record = {"first_shard": first_shard, "first_iteration": self._first_iteration}
+        _atomic_write(self.path / fmt.RETENTION_FILE, json.dumps(record).encode())
 
+    def _delete_shard(self, k: int) -> None:
+        # Index first: a reader listing shards (by index) never meets an index without its data.
+        for ext in ("idx", "bin"):
+            (self.path / fmt.shard_name(k, ext)).unlink(missing_ok=True)
+
+    def _create(self, manifest: dict, resume_from: int | None) -> None:
+        strays = sorted(n for n in os.listdir(self.path) if fmt.SHARD_FILE_RE.match(n))
+        if strays:
+            # Records without a manifest cannot be checked against this run; appending would mix them in.
+            raise DinodistError(
+                f"{self.path / strays[0]}: shard file in a directory without {fmt.MANIFEST_FILE}; "
+                "not a target store this writer can continue"
+            )
+        if resume_from:
+            raise DinodistError(
+                f"{self.path}: cannot resume the target store from iteration {resume_from}: it has no "
+                f"{fmt.MANIFEST_FILE} and no records, so iterations 0..{resume_from - 1} would be missing"
+            )
         try:
-            (self.path / fmt.CLOSED_FILE).unlink()
-        except FileNotFoundError:
-            pass
-        shards, stale = scan_shards(self.path)
-        # Shards after a torn one cannot be reached by readers; appending after them would interleave.
-        for k in stale:
-            for ext in ("idx", "bin"):
-                (self.path / fmt.shard_name(k, ext)).unlink(missing_ok=True)
+            body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+            _atomic_write(self.path / fmt.MANIFEST_FILE, body)
+        except OSError as e:
+            raise DinodistError(f"{self.path}: cannot create target store ({e.strerror})") from e
+        self.manifest = manifest
+        self._open_shard(0)
+
+    def _recover(self, resume_from: int | None) -> None:
+        """Reopen an existing store: cut the final shard's torn tail (and, with `resume_from`, every
+        record from that iteration on), then reopen the last shard for appends."""
+        from dinodist.core.target_store.reader import read_record, scan_store  # one scanner for both
+
+        # Raises, naming the shard, on anything but a torn tail of the final shard: nothing is
+        # deleted below unless every record before the cut was read.
+        sc = scan_store(self.path)
+        first_shard, self._first_iteration = sc.first_shard, sc.first_iteration
+        shards = list(sc.shards.values())
+        its = [it for st in shards for it in st.its]
+        cut = None
+        if resume_from is not None and not (its and resume_from == its[-1] + 1):
+            self._check_resume_point(resume_from, its)
+            # The first record at or after resume_from: shard j, record i.
+            firsts = ((j, bisect_left(st.its, resume_from)) for j, st in enumerate(shards))
+            cut = next(((j, i) for j, i in firsts if i < len(shards[j].its)), None)
+        # Every check passed: from here on the store changes. It is being written again, so a
+        # follower must not stop at the old marker.
+        (self.path / fmt.CLOSED_FILE).unlink(missing_ok=True)
+        self._remove_retained_leftovers(first_shard)
+        if cut is not None:
+            j, i = cut
+            # Newest first, so that a crash part-way leaves a store that still reads as a prefix.
+            for st in reversed(shards[j + 1 :]):
+                self._delete_shard(st.k)
+            st = shards[j]
+            if i == 0 and j > 0:
+                # No record of this shard is kept: drop it and append to the one before, as if the
+                # writer had never rolled over.
+                self._delete_shard(st.k)
+                shards = shards[:j]
+            else:
+                start = read_record(self.path, st.k, st.pos[i], st.its[i]).start
+                st.index_end, st.data_end = st.pos[i], start
+                st.last_iteration = st.its[i - 1] if i else None
+                shards = shards[: j + 1]
+        if resume_from == 0 and self._first_iteration > 0:
+            # Starting over: iterations below the old retention point are written again.
+            self._first_iteration = 0
+            self._write_retention(first_shard)
         if not shards:
-            self._open_shard(0)
+            self._open_shard(first_shard)
             return
         for info in shards[:-1]:
             self._shards.append(_Shard(info.k, -1, -1, info.data_end, info.last_iteration))
         last = shards[-1]
         self._open_shard(last.k, data_size=last.data_end, index_size=last.index_end)
         self._shards[-1].last_iteration = last.last_iteration
-        its = [s.last_iteration for s in shards if s.last_iteration is not None]
-        self._last_enqueued = max(its) if its else None
+        kept = [s.last_iteration for s in self._shards if s.last_iteration is not None]
+        self._last_enqueued = self._last_written = max(kept) if kept else None
 
-    def _abandon(self) -> None:
+    def _check_resume_point(self, resume_from: int, its: list[int]) -> None:
+        """Refuse a resume point that would leave a gap before it (0 always fits: it starts over)."""
+        if resume_from == 0:
+            return
+        first = self._first_iteration
+        if resume_from < first:
+            raise DinodistError(
+                f"{self.path / fmt.RETENTION_FILE}: cannot resume the target store from iteration "
+                f"{resume_from}: retention already deleted the iterations before {first} (resume from "
+                f"{first} or later, or from 0 to start the store over)"
+            )
+        # From the first record on disk: a store may start above 0 (or above the retention point) if
+        # its writer began there; what must not happen is a hole between that start and resume_from.
+        want = its[0] if its else first
+        for it in its:
+            if it >= resume_from or it != want:
+                break
+            want += 1
+        if want < resume_from:
+            held = f"iterations {its[0]}..{its[-1]}" if its else "no records"
+            raise DinodistError(
+                f"{self.path}: cannot resume the target store from iteration {resume_from}: it lacks "
+                f"iteration {want} (it holds {held}), so the records would not be contiguous"
+            )
+
+    def _remove_retained_leftovers(self, first_shard: int) -> None:
+        # Retention records its deletions before making them: files below its first shard are ones a
+        # crash left behind, already invisible to readers.
+        for name in sorted(os.listdir(self.path), key=lambda n: not n.endswith(".idx")):
+            m = fmt.SHARD_FILE_RE.match(name)
+            if m and int(m.group(1)) < first_shard:
+                (self.path / name).unlink(missing_ok=True)
+
+    def _stop(self) -> None:
+        """End the writer thread and close the open shard's files (what is queued is not waited for)."""
         self._closed = True
         if self._queue is not None:
             self._queue.put(None)
             self._thread.join()
         for s in self._shards[-1:]:
             _close_fds(s)
+
+    def _abandon(self) -> None:
+        try:
+            self._stop()
+        finally:
+            self._writer_lock.release()
 
 
 def _close_fds(s: _Shard) -> None:
