@@ -1,6 +1,5 @@
 import colorsys
 import gzip
-import logging
 import multiprocessing
 import struct
 
@@ -17,6 +16,7 @@ from dinodist.core.data import (
     global_batch,
     make_crops,
     sample_masks,
+    sources,
 )
 from dinodist.core.data.augment import _gaussian_blur, _hsv_to_rgb, _rgb_to_hsv, distort, draw_params
 from dinodist.core.data.masking import block_mask
@@ -65,27 +65,86 @@ def _write_png(path, seed, size=(12, 10)):
     Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
 
 
-def test_folder_source_skips_corrupt_file(tmp_path, caplog):
+def _corrupt_folder(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     _write_png(tmp_path / "a" / "0.png", 0)
     (tmp_path / "a" / "1.png").write_bytes(b"not an image at all")
     _write_png(tmp_path / "b" / "2.PNG", 2)
     (tmp_path / "b" / "notes.txt").write_text("ignored")
-    src = build_source(f"folder:{tmp_path}")
+    return build_source(f"folder:{tmp_path}")
+
+
+def test_folder_source_labels_and_fingerprint(tmp_path):
+    src = _corrupt_folder(tmp_path)
     assert len(src) == 3
-    with caplog.at_level(logging.WARNING):
-        img = src.load(1)
-        again = src.load(1)
-    assert torch.equal(img, src.load(2)) and torch.equal(again, img)  # next readable file, deterministically
+    img = src.load(2)
     assert img.dtype == torch.uint8 and img.shape == (3, 10, 12)
-    assert src.n_unreadable == 1
-    assert sum("1.png" in r.getMessage() for r in caplog.records) == 1  # logged once
-    assert [src.label(i) for i in range(3)] == [0, 1, 1]  # sub-folder labels; 1 redirected to b/2.PNG
+    assert [src.label(i) for i in range(3)] == [0, 0, 1]  # sub-folder labels, each file its own
     fp = src.fingerprint()
     assert fp == build_source(f"folder:{tmp_path}").fingerprint()
     _write_png(tmp_path / "b" / "2.PNG", 2, size=(13, 10))
     assert build_source(f"folder:{tmp_path}").fingerprint() != fp
+
+
+def test_unreadable_file_raises_after_backoff_never_substitutes(tmp_path, monkeypatch):
+    # another image in its place would pair different pixels with the same row on teacher and student
+    src = _corrupt_folder(tmp_path)
+    assert sources.DECODE_RETRY_DELAYS_S == (0.1, 0.4, 1.6)
+    slept = []
+    monkeypatch.setattr(sources, "DECODE_RETRY_DELAYS_S", (0.01, 0.02, 0.03))
+    monkeypatch.setattr(sources, "_sleep", slept.append)
+    with pytest.raises(DinodistError) as err:
+        src.load(1)
+    msg = str(err.value)
+    assert type(err.value) is DinodistError and "\n" not in msg
+    assert "sample 1" in msg and str(tmp_path / "a" / "1.png") in msg and "4 attempts" in msg
+    assert "UnidentifiedImageError" in msg  # the cause
+    assert slept == [0.01, 0.02, 0.03]
+    assert torch.equal(src.load(0), src.load(0)) and src.label(1) == 0
+    assert not hasattr(src, "n_unreadable")
+
+
+def test_transient_read_failure_is_retried(tmp_path, monkeypatch):
+    _write_png(tmp_path / "0.png", 0)
+    _write_png(tmp_path / "1.png", 1)
+    src = build_source(f"folder:{tmp_path}")
+    want = src.load(1)
+    (tmp_path / "1.png").unlink()  # e.g. a network filesystem that briefly fails the open
+    slept = []
+
+    def repair(delay):
+        slept.append(delay)
+        if len(slept) == 2:
+            _write_png(tmp_path / "1.png", 1)
+
+    monkeypatch.setattr(sources, "_sleep", repair)
+    assert torch.equal(src.load(1), want)
+    assert slept == [0.1, 0.4]
+
+
+@pytest.mark.timeout(60)
+def test_decode_error_propagates_out_of_loader_prefetch(tmp_path, monkeypatch):
+    n, g, seed = 6, 2, 5
+    bad = int(global_batch(1, g, n, seed)[0][0])  # first needed by iteration 1: built by a prefetch thread
+    assert bad not in global_batch(0, g, n, seed)[0].tolist()
+    for k in range(n):
+        _write_png(tmp_path / f"{k}.png", k)
+    (tmp_path / f"{bad}.png").write_bytes(b"\x89PNG truncated")
+    monkeypatch.setattr(sources, "DECODE_RETRY_DELAYS_S", (0.0,))
+    loader = BatchLoader(build_source(f"folder:{tmp_path}"), TINY, g, seed, rows=slice(0, g), patch_size=8,
+                         prefetch=2, workers=2)
+    try:
+        loader.get(0)
+        failed = loader._futures[1].exception(timeout=30)
+        assert type(failed) is DinodistError
+        with pytest.raises(DinodistError, match=f"sample {bad} .*{bad}.png") as err:
+            loader.get(1)
+        assert type(err.value) is DinodistError  # the source's own error, not a wrapper
+        with pytest.raises(DinodistError, match=f"sample {bad}"):  # asked again: the same error, no hang
+            loader.get(1)
+    finally:
+        loader.close()
 
 
 def test_folder_source_errors(tmp_path):

@@ -128,7 +128,11 @@ class BatchLoader:
         return fut
 
     def get(self, iteration: int) -> dict:
-        """The batch of `iteration`; queues iterations+1..+prefetch in the background."""
+        """The batch of `iteration`; queues iterations+1..+prefetch in the background.
+
+        An error building it (e.g. the source's DinodistError for an unreadable file) is raised here
+        as it was raised, also when a background thread hit it.
+        """
         if self._closed:
             raise DinodistError("BatchLoader.get called after close()")
         with self._lock:

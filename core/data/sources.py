@@ -7,30 +7,52 @@ Specs accepted by `build_source`:
 - `fashion-mnist:DIR:train|test`: the idx files of Fashion-MNIST (`.gz` or raw); DIR may be empty for
   the Debian package location. Grayscale is repeated to 3 channels.
 
-`fingerprint()` hashes the identity of the data (kind, files and sizes, or idx headers) so a target
-store can refuse to be replayed on different data.
+`build_source(spec, index=PATH)` takes the file list from a dataset index (core/data/index.py) instead
+of walking the tree. `fingerprint()` hashes the identity of the data (kind, files and sizes, or idx
+headers) so a target store can refuse to be replayed on different data, and ranks can check that they
+all read the same data (core/data/agree.py).
+
+A file that cannot be read or decoded is retried (`DECODE_RETRY_DELAYS_S`) and then raises: another
+image is never substituted, since every rank must pair the same pixels with the same row.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
+import io
 import logging
 import os
-import struct
-import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from dinodist.core.data.index import (
+    FILE_LIST_KINDS,
+    fashion_mnist_fingerprint,
+    file_list_fingerprint,
+    find_fashion_mnist,
+    folder_labels,
+    list_folder,
+    list_skimage,
+    parse_spec,
+    read_idx,
+    read_index,
+    skimage_data_dir,
+)
 from dinodist.core.errors import DinodistError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+# Waits before each retry of a failed read/decode (so 1 + len attempts, 2.1 s in all): long enough
+# to ride out a network-filesystem hiccup, short enough that a truly broken file stops the run at once.
+# Read at call time, so tests can shorten it.
+DECODE_RETRY_DELAYS_S: tuple[float, ...] = (0.1, 0.4, 1.6)
+# How many listed files `build_source(..., index=...)` stats up front; the rest are checked as loaded.
+INDEX_SPOT_CHECKS = 32
+
+_sleep = time.sleep  # tests replace it to observe the backoff or to repair a file between attempts
 
 
 class ImageSource:
@@ -62,148 +84,87 @@ def _pil_to_uint8_chw(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
-def _hash_strings(parts: list[str]) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:32]
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 class FileListSource(ImageSource):
-    """Images from a sorted list of files, decoded with Pillow.
+    """Images from an ordered list of files, decoded with Pillow.
 
-    An unreadable file never stops training: it is counted, logged once, and replaced by the next
-    readable file in index order (wrapping), so every process maps index i to the same pixels.
+    `sizes` (known when built from an index) are checked against every file as it is read, so data
+    changed since the index was written stops the run instead of feeding different pixels.
     """
 
-    def __init__(self, root: Path, files: list[Path], labels: list[int] | None, name: str, kind: str):
+    def __init__(self, root: Path, files: list[Path], labels: list[int] | None, name: str, kind: str,
+                 sizes: list[int] | None = None, index_path: str | None = None):
         self.kind = kind
         self.root = root
         self.files = files
         self._labels = labels
         self.name = name
-        self._bad: set[int] = set()
-        self._redirect: dict[int, int] = {}
-        self._lock = threading.Lock()
+        self._sizes = sizes
+        self._index_path = index_path
 
     def __len__(self) -> int:
         return len(self.files)
 
-    @property
-    def n_unreadable(self) -> int:
-        """How many files failed to decode so far."""
-        return len(self._bad)
-
-    def _decode(self, j: int) -> torch.Tensor | None:
-        if j in self._bad:
-            return None
-        try:
-            with Image.open(self.files[j]) as img:
-                return _pil_to_uint8_chw(img)
-        except Exception as exc:  # any decoder failure means "skip this file", never a crash
-            with self._lock:
-                if j not in self._bad:
-                    self._bad.add(j)
-                    log.warning("unreadable image %s skipped (%s: %s)", self.files[j], type(exc).__name__,
-                                exc)
-            return None
+    def _read(self, i: int) -> torch.Tensor:
+        data = self.files[i].read_bytes()
+        if self._sizes is not None and len(data) != self._sizes[i]:
+            raise DinodistError(
+                f"data index {self._index_path}: {self.files[i]} (sample {i}) has {len(data)} bytes, the "
+                f"index says {self._sizes[i]}: the data changed since the index was written; rebuild it"
+            )
+        with Image.open(io.BytesIO(data)) as img:
+            return _pil_to_uint8_chw(img)
 
     def load(self, i: int) -> torch.Tensor:
         i = self._check_index(i)
-        n = len(self)
-        for step in range(n):
-            j = (i + step) % n
-            out = self._decode(j)
-            if out is not None:
-                if step:
-                    self._redirect[i] = j
-                return out
-        raise DinodistError(f"{self.name}: no readable image among {n} files under {self.root}")
+        delays = tuple(DECODE_RETRY_DELAYS_S)
+        for attempt in range(len(delays) + 1):
+            try:
+                return self._read(i)
+            except DinodistError:
+                raise
+            except Exception as exc:  # any read or decoder failure: retry, then stop the run
+                cause = exc
+                if attempt < len(delays):
+                    log.warning("%s: reading sample %d (%s) failed (%s); retry in %g s", self.name, i,
+                                self.files[i], _one_line(exc), delays[attempt])
+                    _sleep(delays[attempt])
+        raise DinodistError(
+            f"{self.name}: cannot read sample {i} ({self.files[i]}) after {len(delays) + 1} attempts: "
+            f"{_one_line(cause)}"
+        ) from cause
 
     def label(self, i: int) -> int | None:
         if self._labels is None:
             return None
-        i = self._check_index(i)
-        return self._labels[self._redirect.get(i, i)]
+        return self._labels[self._check_index(i)]
 
     def fingerprint(self) -> str:
-        parts = [self.kind]
-        for f in self.files:
-            parts.append(f"{f.relative_to(self.root).as_posix()}:{f.stat().st_size}")
-        return _hash_strings(parts)
+        rel = (f.relative_to(self.root).as_posix() for f in self.files)
+        return file_list_fingerprint(self.kind, zip(rel, self._sizes or map(self._size, range(len(self)))))
+
+    def _size(self, i: int) -> int:
+        try:
+            return self.files[i].stat().st_size
+        except OSError as exc:
+            raise DinodistError(f"{self.name}: sample {i} ({self.files[i]}) vanished: "
+                                f"{_one_line(exc)}") from exc
 
 
 def folder_source(path: str) -> FileListSource:
     """All images under `path` (recursive, sorted); labels from first-level sub-folders when all have one."""
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise DinodistError(f"folder:{path}: no such directory")
-    files = sorted(
-        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
-    if not files:
-        raise DinodistError(f"folder:{path}: no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images found")
-    rel = [f.relative_to(root).parts for f in files]
-    labels = None
-    if all(len(r) >= 2 for r in rel):
-        classes = sorted({r[0] for r in rel})
-        index = {c: k for k, c in enumerate(classes)}
-        labels = [index[r[0]] for r in rel]
+    root, files = list_folder(path)
+    labels, _ = folder_labels([f.relative_to(root).parts for f in files])
     return FileListSource(root, files, labels, name=f"folder:{path}", kind="folder")
 
 
 def skimage_source() -> FileListSource:
     """The RGB photos shipped inside scikit-image's `skimage/data` folder (read with Pillow, offline)."""
-    try:
-        import skimage
-    except ImportError as exc:
-        raise DinodistError("source skimage: scikit-image is not installed") from exc
-    root = Path(skimage.__file__).resolve().parent / "data"
-    files = []
-    for p in sorted(list(root.glob("*.png")) + list(root.glob("*.jpg"))):
-        try:
-            with Image.open(p) as img:
-                if img.mode == "RGB":  # colour photos only: grayscale and RGBA drawings are left out
-                    files.append(p)
-        except Exception:
-            continue
-    if not files:
-        raise DinodistError(f"source skimage: no colour images in {root}")
+    root, files = list_skimage()
     return FileListSource(root, files, None, name="skimage", kind="skimage")
-
-
-_IDX_DTYPES = {0x08: np.uint8}
-
-
-def _read_idx(path: Path) -> tuple[np.ndarray, bytes]:
-    """Parse an idx file (optionally gzip-compressed); returns (array, header bytes)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise DinodistError(f"{path}: cannot read idx file ({exc})") from exc
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise DinodistError(f"{path}: not an unsigned-byte idx file (bad magic)")
-    ndim = data[3]
-    header_len = 4 + 4 * ndim
-    if len(data) < header_len:
-        raise DinodistError(f"{path}: truncated idx header")
-    dims = struct.unpack(f">{ndim}I", data[4:header_len])
-    count = int(np.prod(dims)) if dims else 0
-    if len(data) - header_len != count:
-        raise DinodistError(f"{path}: idx payload has {len(data) - header_len} bytes, header says {count}")
-    arr = np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(dims)
-    return arr, data[:header_len]
-
-
-def _find_idx(directory: Path, stem: str) -> Path | None:
-    for name in (stem, stem + ".gz"):
-        p = directory / name
-        if p.is_file():
-            return p
-    return None
 
 
 class FashionMNISTSource(ImageSource):
@@ -212,23 +173,16 @@ class FashionMNISTSource(ImageSource):
     def __init__(self, directory: str, split: str):
         if split not in ("train", "test"):
             raise DinodistError(f"fashion-mnist split must be 'train' or 'test', got {split!r}")
-        d = Path(directory or FASHION_MNIST_DEBIAN_DIR).expanduser()
-        prefix = "train" if split == "train" else "t10k"
-        img_path = _find_idx(d, f"{prefix}-images-idx3-ubyte")
-        lbl_path = _find_idx(d, f"{prefix}-labels-idx1-ubyte")
-        if img_path is None or lbl_path is None:
+        img_path, lbl_path = find_fashion_mnist(directory, split)
+        self._img_header, img_dims, images = read_idx(img_path)
+        self._lbl_header, lbl_dims, labels = read_idx(lbl_path)
+        if len(img_dims) != 3 or len(lbl_dims) != 1 or img_dims[0] != lbl_dims[0]:
             raise DinodistError(
-                f"fashion-mnist: {prefix}-images/labels idx files not found in {d} "
-                "(apt-get install dataset-fashion-mnist, or pass fashion-mnist:DIR:train|test)"
+                f"{img_path}: image/label counts or ranks disagree ({img_dims}, {lbl_dims})"
             )
-        images, self._img_header = _read_idx(img_path)
-        labels, self._lbl_header = _read_idx(lbl_path)
-        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-            raise DinodistError(
-                f"{img_path}: image/label counts or ranks disagree ({images.shape}, {labels.shape})"
-            )
-        self._images = torch.from_numpy(images.copy())
-        self._labels = labels.astype(np.int64)
+        self._images = torch.frombuffer(bytearray(images), dtype=torch.uint8).view(img_dims)
+        self._label_bytes = labels
+        self._labels = np.frombuffer(labels, dtype=np.uint8).astype(np.int64)
         self.split = split
         self.name = f"fashion-mnist:{split}"
 
@@ -244,28 +198,57 @@ class FashionMNISTSource(ImageSource):
 
     def fingerprint(self) -> str:
         # Headers give kind and shape; the (small) label bytes tell two idx datasets of equal shape apart.
-        return _hash_strings(
-            ["fashion-mnist", self.split, self._img_header.hex(), self._lbl_header.hex(),
-             hashlib.sha256(self._labels.tobytes()).hexdigest()]
-        )
+        return fashion_mnist_fingerprint(self.split, self._img_header, self._lbl_header, self._label_bytes)
 
 
-def build_source(spec: str) -> ImageSource:
-    """Parse a source spec (`skimage`, `folder:PATH`, `fashion-mnist:DIR:train|test`)."""
-    if not isinstance(spec, str) or not spec:
-        raise DinodistError(f"data source spec must be a non-empty string, got {spec!r}")
-    kind, _, rest = spec.partition(":")
-    if kind == "skimage":
+def _from_index(spec: str, index_path: str) -> ImageSource:
+    index = read_index(index_path, spec)
+    kind = index["kind"]
+    if kind not in FILE_LIST_KINDS:
+        # idx files are read whole anyway; the index only pins which data they must be
+        src = _walk(spec)
+        if len(src) != index["count"] or src.fingerprint() != index["fingerprint"]:
+            raise DinodistError(f"data index {index_path}: {spec} no longer matches it ({len(src)} images, "
+                                f"fingerprint {src.fingerprint()}; the index says {index['count']}, "
+                                f"{index['fingerprint']}); rebuild the index")
+        return src
+    s = parse_spec(spec)
+    root = Path(s.path).expanduser() if kind == "folder" else skimage_data_dir()
+    rows = index["files"]
+    files = [root / r[0] for r in rows]
+    sizes = [int(r[1]) for r in rows]
+    labels = [int(r[2]) for r in rows] if rows and rows[0][2] is not None else None
+    n, m = len(files), min(len(files), INDEX_SPOT_CHECKS)
+    # Evenly spread, first and last included: a cheap check that the index belongs to this tree at all
+    # (a wrong mount, a re-extracted dataset); every file's size is checked again as it is read.
+    for k in sorted({(n - 1) * j // max(m - 1, 1) for j in range(m)}):
+        try:
+            size = files[k].stat().st_size
+        except OSError as exc:
+            raise DinodistError(f"data index {index_path}: listed file {files[k]} (sample {k}) is missing "
+                                f"({exc.strerror or exc}); rebuild the index") from None
+        if size != sizes[k]:
+            raise DinodistError(f"data index {index_path}: {files[k]} (sample {k}) has {size} bytes, the "
+                                f"index says {sizes[k]}; rebuild the index")
+    name = "skimage" if kind == "skimage" else f"folder:{s.path}"
+    return FileListSource(root, files, labels, name=name, kind=kind, sizes=sizes, index_path=str(index_path))
+
+
+def _walk(spec: str) -> ImageSource:
+    s = parse_spec(spec)
+    if s.kind == "skimage":
         return skimage_source()
-    if kind == "folder":
-        if not rest:
-            raise DinodistError("data source 'folder:PATH' needs a PATH")
-        return folder_source(rest)
-    if kind == "fashion-mnist":
-        directory, sep, split = rest.rpartition(":")
-        if not sep:  # "fashion-mnist:train" means the Debian package location
-            directory, split = "", rest or "train"
-        return FashionMNISTSource(os.path.expanduser(directory), split)
-    raise DinodistError(
-        f"unknown data source {spec!r} (expected skimage, folder:PATH, fashion-mnist:DIR:train|test)"
-    )
+    if s.kind == "folder":
+        return folder_source(s.path)
+    return FashionMNISTSource(s.path, s.split)
+
+
+def build_source(spec: str, index: str | os.PathLike | None = None) -> ImageSource:
+    """Parse a source spec (`skimage`, `folder:PATH`, `fashion-mnist:DIR:train|test`).
+
+    With `index` (a file from `core.data.index.write_index(spec, ...)`), the file list is read from it
+    instead of walking the tree; the index must be for this very spec, and the data must still match it.
+    """
+    if index is not None:
+        return _from_index(spec, os.fspath(index))
+    return _walk(spec)
