@@ -7,19 +7,21 @@ largest rank's share of the global batch G: G / devices with even batches, ceil(
 
 - teacher: backbone forward on the 2 global crops, plus (targets=heads) the DINO head without its
   last layer on the 2 CLS tokens and the iBOT head without its last layer on the masked patches.
-- student: 3x (forward + backward; 4x with activation checkpointing, which re-runs the forward) the
-  backbone on 2 global + n local crops and its own heads with last layers (DINO on every crop's
-  CLS, iBOT on the masked patches), plus the forward of the teacher heads' last layers it applies
+- student: 3x (forward + backward; 4x with full activation checkpointing, which re-runs the forward;
+  selective checkpointing re-runs only elementwise ops and norms, not counted) the backbone on
+  2 global + n local crops and its own heads with last layers (DINO on every crop's CLS, iBOT on the
+  masked patches), plus the forward of the teacher heads' last layers it applies
   to the received targets.
   Masked patches per image: 2 crops x mask_probability x mean(mask_ratio) x patches per crop.
 
 Memory per rank (bytes), for the largest rank's rows b, checked against the device memory minus
-a runtime reserve:
+the runtime's reserve (`DeviceProfile`: CUDA context, NCCL buffers, caching-allocator fragmentation):
 - student: 20 B per trainable parameter (fp32 master 4 + fp32 grad 4 + AdamW m, v 8 + fp32 EMA 4),
   divided by the group size under FSDP, plus two all-gathered bf16 blocks (current + prefetch);
-  the teacher heads' last layers in bf16 (replicated); activations: per token per block, bf16 saves
-  of 10*D + 2*H (MLP: fc1 out, GELU out) or 10*D + 4*H (SwiGLU: w1, w2, gate, product) elements,
-  or with activation checkpointing only the block input D plus one block's full set; the heads'
+  the teacher heads' last layers in bf16 (replicated); backbone activations
+  (`backbone_activation_bytes`: what each block saves per token, by checkpointing mode, plus the
+  recompute of one block in the backward; checked against a measurement on the meta device by
+  benchmarks/memory_model.py and tests/test_activation_checkpointing.py); the heads'
   MLP activations and the [rows, Db] bottlenecks (`head_activation_bytes`); the prototype losses
   (`prototype_loss_bytes`): with `train.loss_chunk_rows` > 0 the peak of the chunked losses
   (`core.losses.memory.loss_activation_bytes`, O(chunk x K)), with 0 the full fp32 logits:
@@ -44,6 +46,7 @@ from dinodist.core.losses.memory import loss_activation_bytes
 from dinodist.core.models.arch import (
     ArchSpec,
     HeadSpec,
+    checkpointing_mode,
     forward_flops,
     head_flops,
     head_parameters,
@@ -73,7 +76,15 @@ PEAK_BF16 = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
 MEMORY_GIB = {"h100": 80, "h200": 141, "a100": 80}
 DEFAULT_UTILISATION = 0.4
 CPU_FLOPS_PER_RANK = 50e9  # one core per rank, fp32 matmul-bound; calibrate for your host
-GPU_RESERVE = 1 * GIB
+# What a GPU rank's tensors cannot use (estimates; a run's torch.cuda.memory_reserved vs. the device
+# total is the check): the CUDA context with cuBLAS / cuDNN workspaces (~1 GiB on H100-class devices),
+# NCCL's communicator buffers (NCCL_BUFFSIZE 4 MiB x send/recv x up to 32 channels x peers, per
+# communicator: FSDP2 uses the group's, the targets the world's; ~1 GiB), and the caching allocator's
+# fragmentation: memory it holds in cached blocks that fit no request, a fraction of what is left.
+GPU_CONTEXT_RESERVE = 1 * GIB
+NCCL_RESERVE = 1 * GIB
+ALLOCATOR_FRAGMENTATION = 0.10
+GPU_RESERVE = GPU_CONTEXT_RESERVE + NCCL_RESERVE  # fixed part; fragmentation scales with the device
 CPU_RESERVE = GIB // 2
 
 
@@ -92,14 +103,21 @@ def device_profile(topo: Topology) -> DeviceProfile:
     elif kind in PEAK_BF16:
         flops = PEAK_BF16[kind] * DEFAULT_UTILISATION
         memory = MEMORY_GIB[kind] * GIB
-        reserve = GPU_RESERVE
+        reserve = None
     else:
         raise DinodistError(f"cluster.device: {kind!r} was not resolved to a device kind")
     if c.flops_per_device is not None:
         flops = c.flops_per_device
     if c.memory_per_device_gib is not None:
         memory = int(c.memory_per_device_gib * GIB)
+    if reserve is None:
+        reserve = gpu_reserve_bytes(memory)
     return DeviceProfile(kind, flops, memory, reserve)
+
+
+def gpu_reserve_bytes(memory: int) -> int:
+    """Context + NCCL, then the allocator's fragmentation share of the rest (see GPU_RESERVE)."""
+    return int(GPU_RESERVE + ALLOCATOR_FRAGMENTATION * max(memory - GPU_RESERVE, 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +155,7 @@ def student_flops_per_image(topo: Topology, name: str) -> float:
         t_dino, t_ibot = topo.dino_head(), topo.ibot_head()
         extra = 2 * 2 * t_dino.bottleneck_dim * t_dino.n_prototypes
         extra += m * 2 * t_ibot.bottleneck_dim * t_ibot.n_prototypes
-    factor = 4 if s.activation_checkpointing else 3
+    factor = 4 if checkpointing_mode(s.activation_checkpointing) == "full" else 3
     return factor * fwd + extra
 
 
@@ -149,8 +167,55 @@ def _block_parameters(spec: ArchSpec) -> int:
     return num_parameters(replace(spec, depth=2)) - num_parameters(replace(spec, depth=1))
 
 
-def _ffn_elems(spec: ArchSpec) -> int:
-    return 2 * spec.ffn_hidden if spec.ffn_layer == "mlp" else 4 * spec.ffn_hidden
+def activation_dtype_bytes(topo: Topology) -> int:
+    """Bytes per activation element: bf16 on GPU (FSDP's mixed precision), fp32 on CPU."""
+    return 4 if topo.cluster.device == "cpu" else 2
+
+
+def _block_saves(spec: ArchSpec, e: int) -> tuple[int, int]:
+    """(plain, kept): bytes per token one block saves for backward besides its input, when run plainly
+    and what the selective policy keeps of it; e bytes per element, statistics in fp32.
+
+    Measured op by op (core/models/activation_memory.py). Plain, in D-wide tensors: norm1 out (the qkv
+    input), qkv out (3; v is a view of it), q and k after RoPE (copies), the attention output, the proj
+    input (heads merged, a copy), proj out (LayerScale's input), the residual (norm2 input), norm2 out,
+    the FFN out (LayerScale's input): 12 D; the FFN's hidden: MLP fc1 and GELU outs (2 H), SwiGLU w1,
+    silu, w2 and product outs (4 H); fp32: the attention's logsumexp per head and two LayerNorms' mean
+    and rstd. RoPE saves only its [P, head_dim] sin / cos (per crop size, not per token: see
+    `backbone_activation_bytes`). Kept (outputs of matmuls and attention): qkv out, attention out,
+    proj out, FFN out (6 D), fc1 out (H) or w1, w2 outs (2 H), and the logsumexp.
+    """
+    d, h = spec.embed_dim, spec.ffn_hidden
+    lse = 4 * spec.num_heads
+    stats = 2 * 2 * 4
+    ffn_plain, ffn_kept = (2 * h, h) if spec.ffn_layer == "mlp" else (4 * h, 2 * h)
+    plain = e * (12 * d + ffn_plain) + lse + stats
+    kept = e * (6 * d + ffn_kept) + lse
+    return plain, kept
+
+
+def backbone_activation_bytes(spec: ArchSpec, images: int, crops: list[tuple[int, int]], mode: str,
+                              e: int = 2) -> int:
+    """Peak bytes a backbone holds for backward on `images` images; `crops`: (crops per image, size).
+
+    Per token per block: its input (e D), kept until the backward reaches the block in every mode, and
+    (`_block_saves`) everything else it saves (none), or nothing else (full), or the kept outputs
+    (selective). With checkpointing the backward re-runs one block at a time, adding that block's
+    saves (full) or those it did not keep (selective) over all tokens of the rank. Outside the blocks:
+    the pixels (the patch embedding's input), the final norm's input, mean and rstd, and per block and
+    crop size RoPE's fp32 sin and cos [P, head_dim]. Stochastic depth (`drop_path_rate` > 0) packs the
+    crops and saves more; the distilled students train without it.
+    """
+    d, depth = spec.embed_dim, spec.depth
+    tokens = images * sum(n * num_tokens(spec, size) for n, size in crops if n)
+    pixels = images * sum(n * 3 * size * size for n, size in crops if n) * e
+    rope = depth * sum(2 * 4 * spec.head_dim * (num_tokens(spec, size) - 1 - spec.n_storage_tokens)
+                       for n, size in crops if n)
+    plain, kept = _block_saves(spec, e)
+    per_block = {"none": plain, "full": 0, "selective": kept}[mode]
+    recompute = {"none": 0, "full": plain, "selective": plain - kept}[mode]
+    saved = tokens * (depth * (e * d + per_block) + e * d + 8) + pixels + rope
+    return saved + tokens * recompute
 
 
 def largest_share(global_batch: int, devices: int) -> int:
@@ -186,34 +251,69 @@ def prototype_loss_bytes(topo: Topology, name: str, rows_per_rank: int) -> int:
     return weights + loss_activation_bytes(rows_dino, rows_ibot, dino.n_prototypes, ibot.n_prototypes, chunk)
 
 
+def head_rows(topo: Topology, name: str, rows_per_rank: int) -> tuple[int, int]:
+    """Rows through the DINO head (every crop's CLS) and the iBOT head (the expected masked patches)."""
+    spec = topo.student_spec(name)
+    rows_ibot = math.ceil(rows_per_rank * masked_patches_per_image(topo, spec.patch_size))
+    return rows_per_rank * (2 + topo.data.local_crops), rows_ibot
+
+
+def head_saved_bytes(topo: Topology, name: str, rows_per_rank: int) -> int:
+    """What the heads' modules save up to the normalised bottleneck (measured like the backbone).
+
+    Per row: its input D, each hidden layer's linear and GELU outputs (2 H per hidden layer), the
+    bottleneck Db, in e bytes, and the L2 norm and its clamp (one element each).
+    """
+    spec = topo.student_spec(name)
+    e = activation_dtype_bytes(topo)
+    dino, ibot = topo.student_heads(name)
+    rows_dino, rows_ibot = head_rows(topo, name, rows_per_rank)
+
+    def per_row(h: HeadSpec) -> int:
+        return e * (spec.embed_dim + (h.nlayers - 1) * 2 * h.hidden_dim + h.bottleneck_dim + 2)
+
+    return rows_dino * per_row(dino) + rows_ibot * per_row(ibot)
+
+
 def head_activation_bytes(topo: Topology, name: str, rows_per_rank: int) -> int:
     """Activations of one student rank's DINO and iBOT heads and of the [rows, Db] bottlenecks.
 
-    Per row through a head: bf16 saves of its input D, of each hidden layer's linear and GELU
-    outputs (2 H per hidden layer) and of the bottleneck before and after L2 normalisation (2 Db);
-    then the normalised bottleneck and its gradient in fp32 for the prototype loss (2 Db), and the
-    received teacher bottleneck rows in fp32 (Db; 2 global crops for DINO, the masked patches for
-    iBOT). DINO rows: the 2 + n crops' CLS tokens; iBOT rows: the masked patches.
+    `head_saved_bytes`, then per row the normalised bottleneck (Db, bf16) the prototype layer saves,
+    that bottleneck and its gradient in fp32 for the prototype loss (2 Db), and the received teacher
+    bottleneck rows in fp32 (Db; 2 global crops for DINO, the masked patches for iBOT).
     """
-    d = topo.data
-    spec = topo.student_spec(name)
     dino, ibot = topo.student_heads(name)
     t_dino, t_ibot = topo.dino_head(), topo.ibot_head()
-    rows_dino = rows_per_rank * (2 + d.local_crops)
-    rows_ibot = math.ceil(rows_per_rank * masked_patches_per_image(topo, spec.patch_size))
+    rows_dino, rows_ibot = head_rows(topo, name, rows_per_rank)
 
     def per_row(h: HeadSpec) -> int:
-        return 2 * (spec.embed_dim + (h.nlayers - 1) * 2 * h.hidden_dim + 2 * h.bottleneck_dim) \
-            + 4 * 2 * h.bottleneck_dim
+        return 2 * h.bottleneck_dim + 4 * 2 * h.bottleneck_dim
 
-    return (rows_dino * per_row(dino) + rows_ibot * per_row(ibot)
+    return (head_saved_bytes(topo, name, rows_per_rank)
+            + rows_dino * per_row(dino) + rows_ibot * per_row(ibot)
             + 4 * (2 * rows_per_rank * t_dino.bottleneck_dim + rows_ibot * t_ibot.bottleneck_dim))
+
+
+def student_crops(topo: Topology) -> list[tuple[int, int]]:
+    """(crops per image, size) a student's backbone runs on: 2 global, n local."""
+    d = topo.data
+    return [(2, d.global_crop_size), (d.local_crops, d.local_crop_size)]
+
+
+def student_activation_bytes(topo: Topology, name: str, rows_per_rank: int) -> int:
+    """The part of a student rank's memory benchmarks/memory_model.py measures: backbone + heads' saves."""
+    spec = topo.student_spec(name)
+    mode = checkpointing_mode(topo.student(name).activation_checkpointing)
+    e = activation_dtype_bytes(topo)
+    act = backbone_activation_bytes(spec, rows_per_rank, student_crops(topo), mode, e)
+    if topo.teacher.targets == "heads":
+        act += head_saved_bytes(topo, name, rows_per_rank)
+    return act
 
 
 def student_memory_per_rank(topo: Topology, name: str, devices: int) -> int:
     spec = topo.student_spec(name)
     s = topo.student(name)
-    d = topo.data
     b = largest_share(topo.train.global_batch_size, devices)
     params = num_parameters(spec)
     heads = topo.teacher.targets == "heads"
@@ -224,12 +324,8 @@ def student_memory_per_rank(topo: Topology, name: str, devices: int) -> int:
     state = 20 * params / shard
     if s.shard == "fsdp":
         state += 2 * 2 * _block_parameters(spec)
-    tokens = 2 * num_tokens(spec, d.global_crop_size) + d.local_crops * num_tokens(spec, d.local_crop_size)
-    full_block = (10 * spec.embed_dim + _ffn_elems(spec)) * 2
-    if s.activation_checkpointing:
-        act = b * tokens * (spec.depth * spec.embed_dim * 2 + full_block)
-    else:
-        act = b * tokens * spec.depth * full_block
+    mode = checkpointing_mode(s.activation_checkpointing)
+    act = backbone_activation_bytes(spec, b, student_crops(topo), mode, activation_dtype_bytes(topo))
     if heads:
         t_dino, t_ibot = topo.dino_head(), topo.ibot_head()
         last_layers = t_dino.bottleneck_dim * t_dino.n_prototypes

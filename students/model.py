@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dinodist.core.models import HeadSpec, build_backbone, build_head
+from dinodist.core.models import HeadSpec, apply_activation_checkpointing, build_backbone, build_head
 from dinodist.core.targets import HEADS
 
 
@@ -49,6 +49,16 @@ class Student(nn.Module):
             self.ibot_head = build_head(d, ibot_head)
         else:
             self.feature_proj = nn.Linear(d, teacher_dim)
+
+    def apply_activation_checkpointing(self, mode: bool | str) -> Student:
+        """Checkpoint each backbone block in `mode` (true/"full", "selective", false/"none"), in place.
+
+        Before `shard_student`: the blocks are FSDP units, and their hooks must wrap the checkpointed
+        forward so that the backward's recompute runs on the re-gathered weights. The heads are not
+        checkpointed (as the official recipe): their activations are a few rows per image.
+        """
+        apply_activation_checkpointing(self.backbone, mode)
+        return self
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None,
                 mask_indices: torch.Tensor | None) -> dict[str, torch.Tensor]:

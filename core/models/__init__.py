@@ -8,6 +8,8 @@ from dinodist.core.lazy import lazy_exports
 
 __getattr__, __dir__ = lazy_exports(__name__, {
     "ArchSpec": "arch",
+    "apply_activation_checkpointing": "checkpointing",
+    "compile_blocks": "checkpointing",
     "HeadSpec": "arch",
     "get_arch": "arch",
     "DINOHead": "heads",
@@ -26,7 +28,9 @@ __all__ = [
     "DinoVisionTransformer",
     "HeadSpec",
     "build_backbone",
+    "apply_activation_checkpointing",
     "build_head",
+    "compile_blocks",
     "get_arch",
     "load_backbone",
     "load_backbone_state",

@@ -173,6 +173,23 @@ def num_parameters(spec: ArchSpec, include_local_cls_norm: bool = True) -> int:
     return embed + tokens + spec.depth * block + norms
 
 
+CHECKPOINTING_MODES = ("none", "full", "selective")
+
+
+def checkpointing_mode(value: bool | str | None) -> str:
+    """A topology's `activation_checkpointing` (true / false / "selective") as one of CHECKPOINTING_MODES.
+
+    Plain Python: the planner reads it without torch; `core.models.checkpointing` applies it.
+    """
+    if value is True or value in ("full", "true"):
+        return "full"
+    if value is False or value is None or value in ("none", "false"):
+        return "none"
+    if value == "selective":
+        return "selective"
+    raise DinodistError(f"activation_checkpointing: {value!r} is not one of true, false, selective")
+
+
 def head_parameters(head: HeadSpec, in_dim: int, with_last_layer: bool = True) -> int:
     n = in_dim * head.hidden_dim + head.hidden_dim
     n += head.hidden_dim * head.hidden_dim + head.hidden_dim

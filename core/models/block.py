@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dinodist.core.models.checkpointing import run_checkpointed
 from dinodist.core.models.layers import LayerScale, SelfAttention, build_ffn, pack, unpack
 
 Rope = tuple[Tensor, Tensor] | None
@@ -41,6 +42,8 @@ class Block(nn.Module):
         self.mlp = build_ffn(ffn_layer, dim, ffn_hidden)
         self.ls2 = LayerScale(dim, layerscale_init)
         self.drop_path = drop_path
+        # "none" | "full" | "selective": set by core.models.checkpointing.apply_activation_checkpointing
+        self.checkpointing = "none"
 
     def forward(self, x: Tensor | list[Tensor], rope: Rope | list[Rope] = None) -> Tensor | list[Tensor]:
         if isinstance(x, Tensor):
@@ -49,6 +52,11 @@ class Block(nn.Module):
         return self.forward_list(x, ropes)
 
     def forward_list(self, xs: list[Tensor], ropes: list[Rope]) -> list[Tensor]:
+        if self.checkpointing != "none" and torch.is_grad_enabled():
+            return run_checkpointed(self._forward_list, self.checkpointing, xs, ropes)
+        return self._forward_list(xs, ropes)
+
+    def _forward_list(self, xs: list[Tensor], ropes: list[Rope]) -> list[Tensor]:
         if self.training and self.drop_path > 0.0:
             return self._forward_packed(xs, ropes)
         out = []
