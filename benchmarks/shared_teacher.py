@@ -43,6 +43,8 @@ def topology(path: Path, students: list[str], iterations: int, batch: int, depth
         "data": {"source": "skimage", "global_crop_size": 64, "local_crop_size": 32, "local_crops": 4},
         "train": {"global_batch_size": batch, "iterations": iterations, "seed": 0, "lr": 1e-3},
         "metrics": {"port": 0},
+        # fail-stop: the default restart_group policy would make the teacher write a restart store
+        "control": {"on_failure": "stop"},
         "output": str(path.parent / "out"),
     }
     path.write_text(yaml.safe_dump(topo, sort_keys=False))

@@ -43,6 +43,8 @@ def topology(path: Path, store: Path | None, iterations: int, batch: int, crop: 
                  "local_crops": 2},
         "train": {"global_batch_size": batch, "iterations": iterations, "seed": 1, "lr": 1e-3},
         "metrics": {"port": 0},
+        # fail-stop: the default restart_group policy would make the teacher write a restart store
+        "control": {"on_failure": "stop"},
         "output": str(path.parent / "unused"),
     }
     if store is not None:

@@ -1,11 +1,17 @@
 """Training checkpoints: torch.distributed.checkpoint (DCP) of model + optimizer, iteration, RNG state.
 
 Layout: `<root>/<iteration>/` holds the DCP shards (loadable on any number of ranks: FSDP2 and plain modules
-share the same keys), `meta.json` (iteration, world size, anything JSON the caller adds) and one
-`rng-rank<r>.pt` per rank. Atomicity: every rank writes into `<root>/.tmp-<iteration>/`, and only after all
-of them are done rank 0 renames it; a directory without the `.tmp-` prefix is therefore always complete, and
-a crash mid-save leaves the previous checkpoints untouched. Only the newest `keep` checkpoints are kept
-(`keep=None`: all).
+share the same keys), `meta.json` (iteration, world size, anything JSON the caller adds), one
+`rng-rank<r>.pt` per rank and the completion marker `COMPLETE.json`. Atomicity: every rank writes into
+`<root>/.tmp-<iteration>/`; after all of them are done rank 0 fsyncs every file, writes the marker (each
+file's size and the sha256 of DCP's `.metadata`), and renames the folder. A crash mid-save therefore leaves
+the previous checkpoints untouched, and only the newest `keep` checkpoints are kept (`keep=None`: all).
+
+Why the marker holds a checksum: DCP's `.metadata` is a pickle that torch unpickles on load, so nothing is
+loaded from a folder whose marker is missing (not written by dinodist) or whose `.metadata` does not hash to
+what the marker says. `verify_checkpoint` checks that and every file's size without reading the shards;
+`latest_valid_checkpoint` walks back from the newest checkpoint past broken ones, warning about each, which
+is what a resume after a crash (a torn `.distcp`, an empty `meta.json`) needs.
 
 `group`: the process group that owns the model (a student group is a sub-group of the run's world); ranks,
 world size, barriers and DCP's collectives are those of the group, None meaning the whole world.
@@ -14,7 +20,9 @@ world size, barriers and DCP's collectives are those of the group, None meaning 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -30,6 +38,10 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from dinodist.core.errors import DinodistError
 
 _META = "meta.json"
+MARKER = "COMPLETE.json"
+_DCP_METADATA = ".metadata"
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -66,21 +78,104 @@ def _first_line(exc: BaseException) -> str:
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under `root`, oldest first."""
+    """Checkpoints under `root` that carry a completion marker, oldest first (not yet verified)."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
     for d in root.iterdir():
-        if d.is_dir() and d.name.isdigit() and (d / _META).is_file():
+        if d.is_dir() and d.name.isdigit() and (d / MARKER).is_file():
             found.append((int(d.name), d))
     return sorted(found)
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under `root`, or None."""
+    """The newest checkpoint under `root` with a completion marker, or None (see latest_valid_checkpoint)."""
     ckpts = list_checkpoints(root)
     return ckpts[-1][1] if ckpts else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _seal(folder: Path) -> None:
+    """Rank 0, every rank's files written: fsync them, then write the marker (itself fsynced) last."""
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name != MARKER:
+            _fsync(p)
+            files[p.name] = p.stat().st_size
+    marker = {"files": files, "metadata_sha256": _sha256(folder / _DCP_METADATA)}
+    with open(folder / MARKER, "w") as f:
+        f.write(json.dumps(marker, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync(folder)
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check a checkpoint folder without loading it; returns its meta, raises DinodistError naming the
+    folder and what is wrong (no marker, a missing or resized file, a `.metadata` that does not match)."""
+    path = Path(path)
+    marker_path = path / MARKER
+    if not marker_path.is_file():
+        raise DinodistError(f"{path}: not a complete dinodist checkpoint (no {MARKER})")
+    try:
+        marker = json.loads(marker_path.read_text())
+        files = dict(marker["files"])
+        want_sha = str(marker["metadata_sha256"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise DinodistError(f"{path}: unreadable {MARKER} ({_first_line(exc)})") from None
+    for name, size in files.items():
+        p = path / name
+        if not p.is_file():
+            raise DinodistError(f"{path}: {name} is missing")
+        if p.stat().st_size != size:
+            raise DinodistError(f"{path}: {name} has {p.stat().st_size} bytes, {MARKER} says {size}")
+    if _DCP_METADATA not in files or _sha256(path / _DCP_METADATA) != want_sha:
+        raise DinodistError(f"{path}: {_DCP_METADATA} does not match the checksum in {MARKER}")
+    return read_meta(path)
+
+
+def latest_valid_checkpoint(root: str | Path, at_most: int | None = None) -> Path | None:
+    """The newest checkpoint under `root` (at iteration <= `at_most` if given) that passes
+    `verify_checkpoint`; each broken newer one is skipped with a warning naming its folder."""
+    for it, path in reversed(list_checkpoints(root)):
+        if at_most is not None and it > at_most:
+            continue
+        try:
+            verify_checkpoint(path)
+        except DinodistError as exc:
+            log.warning("skipping broken checkpoint %s: %s; falling back to the previous one", path, exc)
+            continue
+        return path
+    return None
+
+
+def valid_iterations(root: str | Path) -> list[int]:
+    """Iterations of every checkpoint under `root` that passes `verify_checkpoint`, oldest first."""
+    out = []
+    for it, path in list_checkpoints(root):
+        try:
+            verify_checkpoint(path)
+        except DinodistError as exc:
+            log.warning("skipping broken checkpoint %s: %s", path, exc)
+            continue
+        out.append(it)
+    return out
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -126,9 +221,11 @@ def save_checkpoint(
     _barrier(group)
     if rank == 0:
         (tmp / _META).write_text(meta_text)
+        _seal(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(root)
         if keep is not None:
             for _, old in list_checkpoints(root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -170,7 +267,7 @@ def load_checkpoint(
     stream is necessarily new.
     """
     path = Path(path)
-    meta = read_meta(path)
+    meta = verify_checkpoint(path)
     rank, world = _rank_world(group)
     model_sd, optim_sd = _state(model, optimizer)
     state = {"model": model_sd}
@@ -206,7 +303,7 @@ def load_model_only(
     another run into a Gram teacher: prefix="teacher.backbone", model=gram_backbone.
     """
     path = Path(path)
-    meta = read_meta(path)
+    meta = verify_checkpoint(path)
     target, _ = _state(model, None)
     keyed = {f"{prefix}.{k}" if prefix else k: v for k, v in target.items()}
     try:

@@ -38,7 +38,12 @@ from dinodist.core.rows import rank_rows
 
 HEADS = "heads"
 FEATURES = "features"
-_HEADER_FIXED = 4  # iteration, first row, stop row, number of iBOT rows
+# iteration, first row, stop row, number of iBOT rows (checked by the receiver), then the flags word
+_HEADER_FIXED = 5
+_HEADER_CHECKED = 4
+# flags: the teacher's last iteration of this run (preemption): students checkpoint after it and stop.
+# In-band, so every rank of every group learns it with the same iteration's targets, with no extra message.
+FLAG_LAST = 1
 
 
 @dataclass
@@ -50,6 +55,7 @@ class Targets:
     start: int
     stop: int
     tensors: dict[str, torch.Tensor]
+    last: bool = False  # the teacher stops after this iteration (preemption): see FLAG_LAST
 
     @property
     def rows(self) -> int:
@@ -71,7 +77,7 @@ class Targets:
                  "ibot_counts": counts[a:b]}
         else:
             t = {"cls": self.tensors["cls"][a:b], "patch": self.tensors["patch"][a:b]}
-        return Targets(self.kind, self.iteration, start, stop, t)
+        return Targets(self.kind, self.iteration, start, stop, t, self.last)
 
 
 def concat(parts: Sequence[Targets]) -> Targets:
@@ -83,7 +89,8 @@ def concat(parts: Sequence[Targets]) -> Targets:
             raise DinodistError(f"target blocks are not contiguous at row {prev.stop}")
     keys = parts[0].tensors.keys()
     tensors = {k: torch.cat([p.tensors[k] for p in parts]) for k in keys}
-    return Targets(parts[0].kind, parts[0].iteration, parts[0].start, parts[-1].stop, tensors)
+    return Targets(parts[0].kind, parts[0].iteration, parts[0].start, parts[-1].stop, tensors,
+                   any(p.last for p in parts))
 
 
 def ibot_counts(masks: torch.Tensor) -> torch.Tensor:
@@ -250,7 +257,7 @@ def _header(t: Targets) -> torch.Tensor:
     else:
         counts = torch.zeros(2 * t.rows, dtype=torch.long)
     n_ibot = int(counts.sum())
-    fixed = torch.tensor([t.iteration, t.start, t.stop, n_ibot], dtype=torch.long)
+    fixed = torch.tensor([t.iteration, t.start, t.stop, n_ibot, FLAG_LAST if t.last else 0], dtype=torch.long)
     return torch.cat([fixed, counts.to(torch.long)])
 
 
@@ -274,17 +281,24 @@ def _unpack(kind: str, dims: TargetDims, it: int, start: int, stop: int, counts:
     return Targets(kind, it, start, stop, {"cls": cls, "patch": patch})
 
 
+def send_transfer(targets: Targets, tr: Transfer, device: torch.device,
+                  wire_dtype: torch.dtype = torch.float32) -> tuple[list, int]:
+    """isend one student rank its rows `tr` of this teacher rank's block; returns (works, bytes)."""
+    part = targets.slice(tr.start, tr.stop)
+    header = _header(part).to(device)
+    payload = _payload(part, wire_dtype).to(device)
+    works = [dist.isend(header, dst=tr.dst), dist.isend(payload, dst=tr.dst)]
+    return works, header.numel() * header.element_size() + payload.numel() * payload.element_size()
+
+
 def send_targets(plan: ExchangePlan, rank: int, targets: Targets, device: torch.device,
                  wire_dtype: torch.dtype = torch.float32) -> tuple[list, int]:
     """isend every student rank its rows of this teacher rank's block; returns (works, bytes sent)."""
     works, nbytes = [], 0
     for tr in plan.sends(rank):
-        part = targets.slice(tr.start, tr.stop)
-        header = _header(part).to(device)
-        payload = _payload(part, wire_dtype).to(device)
-        works.append(dist.isend(header, dst=tr.dst))
-        works.append(dist.isend(payload, dst=tr.dst))
-        nbytes += header.numel() * header.element_size() + payload.numel() * payload.element_size()
+        w, n = send_transfer(targets, tr, device, wire_dtype)
+        works += w
+        nbytes += n
     return works, nbytes
 
 
@@ -344,26 +358,31 @@ class P2PTargetSource:
             raise DinodistError(
                 f"targets requested for iteration {iteration} but iteration {it} is next in line"
             )
-        parts = []
+        parts, last = [], False
         for tr, counts, n_ibot, header, payload, (wh, wp) in pending:
             wh.wait()
             header = header.cpu()
             expect = [iteration, tr.start, tr.stop, n_ibot]
-            if header[:_HEADER_FIXED].tolist() != expect or (
+            if header[:_HEADER_CHECKED].tolist() != expect or (
                 counts is not None and not torch.equal(header[_HEADER_FIXED:], counts.flatten().cpu())
             ):
                 raise DinodistError(
                     f"targets from teacher rank {tr.src} for rank {self.rank} do not match: expected "
-                    f"(iteration, start, stop, masked) {expect}, got {header[:_HEADER_FIXED].tolist()}"
+                    f"(iteration, start, stop, masked) {expect}, got {header[:_HEADER_CHECKED].tolist()}"
                 )
+            last = last or bool(int(header[_HEADER_CHECKED]) & FLAG_LAST)
             wp.wait()
             self.bytes_received += header.numel() * 8 + payload.numel() * payload.element_size()
             parts.append(_unpack(self.dims.kind, self.dims, iteration, tr.start, tr.stop,
                                  counts.to(self.device) if counts is not None else None, payload))
         # post the next receives before the caller trains on this iteration: the teacher can
-        # then deliver iteration t+1 while the student computes t.
-        self._fill(iteration + self.depth)
-        return concat(parts)
+        # then deliver iteration t+1 while the student computes t. None after the teacher's last one:
+        # it will never send them.
+        if not last:
+            self._fill(iteration + self.depth)
+        out = concat(parts)
+        out.last = last
+        return out
 
 
 class InlineTargetSource:
@@ -449,7 +468,7 @@ class StoreTargetSource:
     def get(self, iteration: int) -> Targets:
         if self.follow:
             self._wait_for(iteration)
-        tensors, _meta = self.reader.read(iteration)
+        tensors, meta = self.reader.read(iteration)
         names = ("dino", "ibot", "ibot_counts") if self.kind == HEADS else ("cls", "patch")
         missing = [n for n in names if n not in tensors]
         if missing:
@@ -463,7 +482,8 @@ class StoreTargetSource:
                     "this run's sampler (data source, train.seed or global batch size changed?)")
         self.bytes_read += sum(t.numel() * t.element_size() for t in tensors.values())
         rows = tensors[names[0]].shape[0]
-        full = Targets(self.kind, iteration, 0, rows, {n: tensors[n] for n in names})
+        # `last`: the live groups stopped after this iteration (preemption); a follower stops there too
+        full = Targets(self.kind, iteration, 0, rows, {n: tensors[n] for n in names}, bool(meta.get("last")))
         if self.kind == HEADS:
             full.tensors["ibot_counts"] = full.tensors["ibot_counts"].to(torch.long)
         return full.slice(self.start, self.stop)
@@ -542,11 +562,11 @@ def wait_block(p: PendingBlock) -> Targets:
     header = p.header.cpu()
     n_ibot = int(p.counts.sum()) if p.counts is not None else 0
     expect = [p.iteration, p.start, p.stop, n_ibot]
-    if header[:_HEADER_FIXED].tolist() != expect or (
+    if header[:_HEADER_CHECKED].tolist() != expect or (
         p.counts is not None and not torch.equal(header[_HEADER_FIXED:], p.counts.flatten().cpu().long())
     ):
         raise DinodistError(f"store gather: rank {p.src} sent (iteration, start, stop, masked) "
-                            f"{header[:_HEADER_FIXED].tolist()}, expected {expect}")
+                            f"{header[:_HEADER_CHECKED].tolist()}, expected {expect}")
     p.works[1].wait()
     counts = p.counts.to(p.payload.device).long() if p.counts is not None else None
     return _unpack(p.dims.kind, p.dims, p.iteration, p.start, p.stop, counts, p.payload)

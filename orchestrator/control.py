@@ -6,10 +6,14 @@ accessors and `send`/`broadcast` are safe from any thread (commands go through a
 the polling thread drains).
 
 Failure policy (`control.on_failure`): `stop` — the first rank that dies (missed heartbeats,
-process gone, non-zero exit) or reports an error makes the server send `stop` to every rank;
-the launcher kills whatever is still running after a grace period (`stragglers`), and the job
-exits non-zero with a message naming the rank and its group. `restart_group` (restart the
-failed group from its last checkpoint while the others wait) is designed but not implemented.
+process gone, non-zero exit, no iteration progress for `progress_timeout_s`) or reports an error
+makes the server send `stop` to every rank; the launcher kills whatever is still running after a
+grace period (`stragglers`), and the job exits non-zero with a message naming the rank and its
+group. `restart_group` — a failure in a group of `restartable` (the student groups) only queues that
+group in `group_failures`; `supervise` kills the group's other ranks, starts them again through its
+`restart` callback (at most `max_restarts` times per group), and `reset_group` lets the new
+processes register in the old ranks' places. Every other group keeps running. A failure anywhere
+else (the teacher), or one restart too many, is handled as under `stop`.
 The settings (`bind`, `port`, `secret_env`, heartbeat and register timeouts, `on_failure`,
 `grace_s`) and their defaults are the topology's `control:` section (orchestrator/topology.py).
 """
@@ -17,13 +21,12 @@ The settings (`bind`, `port`, `secret_env`, heartbeat and register timeouts, `on
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
@@ -31,6 +34,8 @@ import zmq
 
 from dinodist.core.control import messages as m
 from dinodist.core.errors import DinodistError
+from dinodist.core.procs import pid_alive
+from dinodist.core.train.preempt import PREEMPTED_EXIT
 from dinodist.orchestrator.topology import Control, check_failure_policy
 
 log = logging.getLogger("dinodist.control")
@@ -51,9 +56,11 @@ class RankState:
     registered_at: float | None = None
     last_seen: float | None = None  # time.monotonic() of the last valid message
     iteration: int = -1
+    progress_at: float | None = None  # time.monotonic() when `iteration` last advanced (or registration)
     last: m.Heartbeat | m.Done | None = None
     reason: str | None = None
     exit_code: int | None = None
+    preempted: bool = False  # exited with PREEMPTED_EXIT: it checkpointed and stopped on request
     acked_commands: set[int] = field(default_factory=set)
     identity: bytes | None = field(default=None, repr=False)
 
@@ -68,21 +75,6 @@ class ControlEvent:
 
 def _who(rank: int, group: str) -> str:
     return f"rank {rank} (group {group})"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # An exited child not yet reaped by its parent still answers kill(0): look at its state.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 class ControlServer:
@@ -102,8 +94,14 @@ class ControlServer:
         on_message: Callable[[Any], None] | None = None,
         on_event: Callable[[ControlEvent], None] | None = None,
         heartbeat_timeout: float | None = None,
+        progress_timeout_s: float | None = None,
+        restartable: Collection[str] = (),
     ) -> None:
         check_failure_policy(on_failure)
+        self.progress_timeout_s = progress_timeout_s
+        self.restartable = frozenset(restartable) if on_failure == "restart_group" else frozenset()
+        self.group_failures: deque[tuple[str, str]] = deque()
+        self._restarting: set[str] = set()
         self.secret = secret.encode() if isinstance(secret, str) else secret
         loopback = m.is_loopback(bind)
         if not loopback and not self.secret:
@@ -297,7 +295,8 @@ class ControlServer:
             # Out-of-order heartbeats must not move the rank backwards.
             if st.last is None or msg.seq > st.last.seq:
                 st.last = msg
-                st.iteration = max(st.iteration, msg.iteration)
+                if msg.iteration > st.iteration:
+                    st.iteration, st.progress_at = msg.iteration, st.last_seen
         if isinstance(msg, m.Done):
             st.status = "done"
             self._ack(st, "done", msg.seq)
@@ -308,7 +307,7 @@ class ControlServer:
             st.reason = f"{_who(st.rank, st.group)} failed: {first_line}"
             self._ack(st, "error", msg.seq)
             self._event("error", st, st.reason)
-            self._fail(st.reason)
+            self._rank_failed(st, st.reason)
         if self.on_message is not None:
             self.on_message(msg)
         return 1
@@ -336,6 +335,7 @@ class ControlServer:
                 log.warning("control: %s registered again with a new session (process restarted)",
                             _who(st.rank, st.group))
             st.status, st.registered_at, st.iteration, st.last = "running", st.last_seen, -1, None
+            st.progress_at = st.last_seen
             self._event("registered", st, f"{_who(st.rank, st.group)} registered: {msg.role}, pid {msg.pid} "
                                           f"on {msg.hostname}")
             if self.on_message is not None:
@@ -364,7 +364,35 @@ class ControlServer:
         st.status = "dead"
         st.reason = reason
         self._event("dead", st, reason)
+        self._rank_failed(st, reason)
+
+    def _rank_failed(self, st: RankState, reason: str) -> None:
+        if st.group in self._restarting:
+            return  # its group is being restarted already: this is the same failure, seen again
+        if st.group in self.restartable and self.failure is None:
+            self._restarting.add(st.group)
+            self.group_failures.append((st.group, reason))
+            log.warning("control: %s; restarting group %s", reason, st.group)
+            return
         self._fail(reason)
+
+    def fail(self, reason: str) -> None:
+        """Apply the stop policy now (e.g. a group failed more often than it may be restarted)."""
+        with self._lock:
+            self._fail(reason)
+            self._flush_if_unthreaded()
+
+    def reset_group(self, group: str) -> None:
+        """The group's ranks were started again: forget the old processes, expect new registrations."""
+        with self._lock:
+            for r, st in list(self._states.items()):
+                if st.group == group:
+                    self._states[r] = RankState(rank=r, group=group)
+            self._restarting.discard(group)
+
+    def restarting(self) -> set[str]:
+        with self._lock:
+            return set(self._restarting)
 
     def _fail(self, reason: str) -> None:
         if self.failure is not None:
@@ -384,9 +412,15 @@ class ControlServer:
                 if silent > self.heartbeat_timeout_s:
                     self._declare_dead(st, f"{_who(st.rank, st.group)} missed heartbeats for "
                                            f"{self.heartbeat_timeout_s:g} s (silent {silent:.1f} s)")
-                elif self._check_pids and st.pid and not _pid_alive(st.pid):
+                elif self._check_pids and st.pid and not pid_alive(st.pid):
                     self._declare_dead(st, f"{_who(st.rank, st.group)}: process {st.pid} on "
                                            f"{st.hostname} is gone")
+                elif (self.progress_timeout_s is not None and st.progress_at is not None
+                      and now - st.progress_at > self.progress_timeout_s):
+                    # alive (it heartbeats) but stuck: a hang is a failure like a death
+                    at = f"iteration {st.iteration}" if st.iteration >= 0 else "its first iteration"
+                    self._declare_dead(st, f"{_who(st.rank, st.group)} made no progress for "
+                                           f"{self.progress_timeout_s:g} s (at {at})")
             elif (st.status == "expected" and self.register_timeout_s is not None
                   and now - self._started > self.register_timeout_s):
                 self._declare_dead(st, f"{_who(st.rank, st.group)} did not register within "
@@ -400,7 +434,13 @@ class ControlServer:
                 raise DinodistError(f"control mark_exited: rank {rank} is unknown")
             st.exit_code = code
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            if code == 0:
+            if code == PREEMPTED_EXIT and st.status in ("expected", "running", "done"):
+                # asked to stop early, it checkpointed first: the end of this run, not a failure
+                st.preempted = True
+                if st.status != "done":
+                    st.status = "done"
+                    self._event("done", st, f"{_who(rank, st.group)} checkpointed and stopped (preempted)")
+            elif code == 0:
                 if st.status in ("expected", "running"):
                     # A clean exit whose `done` was lost still counts as done.
                     st.status = "done"
@@ -409,7 +449,7 @@ class ControlServer:
                 self._declare_dead(st, f"{_who(rank, st.group)} {how}")
             elif st.status == "done":
                 st.reason = f"{_who(rank, st.group)} {how} after reporting done"
-                self._fail(st.reason)
+                self._rank_failed(st, st.reason)
             self._flush_if_unthreaded()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -453,7 +493,8 @@ def server_from_config(cfg: Control, expected: Mapping[int, str], **kwargs: Any)
     of these settings and where their defaults are stated)."""
     secret = m.secret_from_env(cfg.secret_env) if cfg.secret_env else None
     return ControlServer(cfg.bind, cfg.port, secret, cfg.heartbeat_timeout_s, expected,
-                         on_failure=cfg.on_failure, register_timeout_s=cfg.register_timeout_s, **kwargs)
+                         on_failure=cfg.on_failure, register_timeout_s=cfg.register_timeout_s,
+                         progress_timeout_s=cfg.progress_timeout_s, **kwargs)
 
 
 class Process(Protocol):
@@ -477,23 +518,69 @@ def supervise(
     kill: Callable[[list[int]], None] | None = None,
     progress: Callable[[dict[int, RankState]], None] | None = None,
     progress_every_s: float = 10.0,
+    preempt: Callable[[], bool] | None = None,
+    restart: Callable[[str], Mapping[int, Process]] | None = None,
+    max_restarts: int = 0,
+    restarts: dict[str, int] | None = None,
+    on_group_failure: Callable[[str], None] | None = None,
 ) -> Outcome:
     """Run the job to its end: exit code 0 when every rank is done, else 1 with the first failure.
+
+    `preempt()` true (the driver got SIGTERM): `preempt` goes to every rank; when they have all
+    checkpointed and exited with PREEMPTED_EXIT the outcome has that exit code.
+
+    `restart(group)` (with `control.on_failure: restart_group`): start a failed group's ranks again;
+    it returns their new processes by rank. Before calling it the group's surviving processes are
+    killed and reaped; `restarts` (group -> count, updated in place) is checked against `max_restarts`.
 
     Applies the `stop` policy: on a failure the server has already sent `stop` to every rank;
     ranks whose process is still alive `grace_s` later are passed to `kill` (default: kill each
     process; the launcher may pass its own, e.g. one that signals process groups).
     """
+    procs = dict(procs)
     exited: set[int] = set()
     killed: list[int] = []
     next_progress = time.monotonic() + progress_every_s
+    preempt_sent = False
+    restarts = restarts if restarts is not None else {}
+    to_restart: dict[str, list[int]] = {}  # group -> its ranks, killed and awaiting their exit
     while True:
         server.poll(poll_s)
+        if preempt is not None and not preempt_sent and preempt():
+            # the teacher picks the iteration and tells the students with its targets (teacher/run.py)
+            server.broadcast("preempt")
+            preempt_sent = True
         for rank, proc in procs.items():
             code = proc.poll()
             if code is not None and rank not in exited:
                 exited.add(rank)
                 server.mark_exited(rank, code)
+        while server.group_failures:
+            group, reason = server.group_failures.popleft()
+            if restart is None or restarts.get(group, 0) >= max_restarts:
+                server.fail(f"{reason} (group {group} restarted {restarts.get(group, 0)} times, "
+                            f"control.max_restarts is {max_restarts})")
+                continue
+            if on_group_failure is not None:
+                on_group_failure(group)
+            ranks = sorted(r for r, st in server.ranks().items() if st.group == group)
+            live = [r for r in ranks if r in procs and r not in exited]
+            if live:
+                (kill or (lambda rs: [procs[r].kill() for r in rs]))(live)
+            to_restart[group] = ranks
+        for group, ranks in list(to_restart.items()):
+            if server.failure is not None:
+                to_restart.clear()
+                break
+            if any(r in procs and r not in exited for r in ranks):
+                continue  # its old processes are still being reaped
+            restarts[group] = restarts.get(group, 0) + 1
+            log.warning("control: restarting group %s (restart %d of at most %d)", group, restarts[group],
+                        max_restarts)
+            server.reset_group(group)
+            procs.update(restart(group))
+            exited.difference_update(ranks)
+            del to_restart[group]
         if progress is not None and time.monotonic() >= next_progress:
             progress(server.ranks())
             next_progress = time.monotonic() + progress_every_s
@@ -510,7 +597,10 @@ def supervise(
                 killed.extend(late)
             if len(exited) == len(procs):
                 return Outcome(1, server.failure, tuple(killed))
-        elif len(exited) == len(procs) and server.all_done():
+        elif len(exited) == len(procs) and server.all_done() and not to_restart:
+            preempted = sorted(r for r, st in server.ranks().items() if st.preempted)
+            if preempted:
+                return Outcome(PREEMPTED_EXIT, f"preempted: ranks {preempted} checkpointed and stopped", ())
             return Outcome(0, "every rank finished", ())
         # Local processes all gone but ranks elsewhere still running (or never registered): keep
         # polling; heartbeat and register timeouts turn a silent rank into a failure.

@@ -7,26 +7,38 @@ groups without planning again. It serves the control plane and Prometheus metric
 ranks, prints one progress line per group, and applies the failure policy: the first rank that
 dies or fails stops the whole job (stop command, then SIGKILL after `control.grace_s`) and the
 command exits non-zero with a message naming the rank and its group.
+
+`--resume` continues a run in the same output folder from the newest checkpoint every group holds
+(the ranks agree on it; from scratch when there is none). SIGTERM or SIGUSR1 to the driver asks the
+ranks to preempt (control command `preempt`): every group checkpoints at the same iteration and the
+command exits with core.train.preempt.PREEMPTED_EXIT (75); `--resume` continues it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 
 import yaml
 
+from dinodist.core.data.index import write_index
 from dinodist.core.errors import DinodistError
+from dinodist.core.train.preempt import PREEMPTED_EXIT, Preempted
 from dinodist.orchestrator.allocate import Plan, make_plan
 from dinodist.orchestrator.control import server_from_config, supervise
 from dinodist.orchestrator.launch import launch_ranks
 from dinodist.orchestrator.metrics import MetricsExporter, progress_line
-from dinodist.orchestrator.planfile import write_plan
+from dinodist.orchestrator.planfile import DATA_INDEX_FILE, PLAN_FILE, read_plan, write_plan
 from dinodist.orchestrator.topology import Topology, check_runnable, load_topology
 
 log = logging.getLogger("dinodist.distill")
+
+# a restarted group follows the store; with no progress timeout, silence this long means the teacher died
+RESTART_FOLLOW_TIMEOUT_S = 600.0
 
 
 def resolved_topology(topo: Topology, plan: Plan) -> dict:
@@ -57,17 +69,39 @@ def summarize(out_dir: Path, plan: Plan) -> dict:
             iterations = n if iterations is None else min(iterations, n)
     stats_path = out_dir / "teacher" / "stats.json"
     teacher = json.loads(stats_path.read_text()) if stats_path.exists() else {}
-    return {
+    out = {
         "iterations": iterations or 0,
-        "teacher_forwards": teacher.get("teacher_forwards", 0),
+        # forwards of the run's iterations: those before the resume point were run (once) by the run
+        # that wrote its checkpoint, the rest by this one
+        "teacher_forwards": teacher.get("start_iteration", 0) + teacher.get("teacher_forwards", 0),
+        "teacher_forwards_this_run": teacher.get("teacher_forwards", 0),
+        "resumed_at": teacher.get("start_iteration", 0),
         "target_bytes_sent": teacher.get("target_bytes_sent_all_ranks", 0),
         "groups": groups,
     }
+    if "preempted_at" in teacher:
+        out["preempted_at"] = teacher["preempted_at"]
+    return out
+
+
+def _check_resumable(out_dir: Path, plan: Plan) -> None:
+    """--resume in a folder of another plan would load checkpoints into other groups: refuse."""
+    old_path = out_dir / PLAN_FILE
+    if not old_path.is_file():
+        return
+    old = {g.name: (g.arch, list(g.ranks)) for g in read_plan(old_path).groups}
+    new = {g.name: (g.arch, list(g.ranks)) for g in plan.groups}
+    if old != new:
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise DinodistError(f"--resume: {old_path} was planned for other groups (differs in "
+                            f"{', '.join(changed)}); resume with that run's topology or use another --out")
 
 
 def run_distill(topology: str | Path, out: str | None = None, iterations: int | None = None,
-                metrics_port: int | None = None, progress_every_s: float = 5.0, echo=print) -> dict:
-    """Run a whole distillation job; returns the summary, raises DinodistError on failure."""
+                metrics_port: int | None = None, progress_every_s: float = 5.0, echo=print,
+                resume: bool = False) -> dict:
+    """Run a whole distillation job; returns the summary, raises DinodistError on failure and Preempted
+    (after writing the summary) when it was asked to stop early."""
     overrides: dict = {}
     if iterations is not None:
         overrides["train.iterations"] = iterations
@@ -78,19 +112,44 @@ def run_distill(topology: str | Path, out: str | None = None, iterations: int | 
     plan = make_plan(topo)
     out_dir = Path(topo.output)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        _check_resumable(out_dir, plan)
     resolved = out_dir / "topology.yaml"
     resolved.write_text(yaml.safe_dump(resolved_topology(topo, plan), sort_keys=False))
     write_plan(out_dir, plan.to_dict())
+    # listed once here rather than walked by every rank; a rank refuses data that no longer matches it
+    write_index(topo.data.source, out_dir / DATA_INDEX_FILE)
     world = plan.used_devices
     expected = {r: g.name for g in plan.groups for r in g.ranks}
     started = time.monotonic()
     title = (f"dinodist distill: {topo.name}: {world} ranks "
              + ", ".join(f"{g.name} {g.devices}" for g in plan.groups))
-    launch_and_supervise(topo, expected, [str(resolved), "--out", str(out_dir)], out_dir, title,
-                         metrics_port=metrics_port, progress_every_s=progress_every_s, echo=echo)
+    rank_args = [str(resolved), "--out", str(out_dir)] + (["--resume"] if resume else [])
+    store = topo.target_store_path(out_dir)
+
+    def restart_args(group: str) -> list[str]:
+        # the group's own world, following the store the live teacher keeps writing, from its checkpoint
+        return [str(resolved), "--out", str(out_dir), "--replay", str(store), "--student", group, "--follow",
+                "--follow-timeout", f"{topo.control.progress_timeout_s or RESTART_FOLLOW_TIMEOUT_S:g}",
+                "--resume"]
+
+    preempted = None
+    restarts: dict[str, int] = {}
+    try:
+        launch_and_supervise(topo, expected, rank_args, out_dir, title, metrics_port=metrics_port,
+                             progress_every_s=progress_every_s, echo=echo,
+                             restarts=restarts, restart_args=restart_args if store is not None and
+                             topo.control.on_failure == "restart_group" else None)
+    except Preempted as exc:
+        preempted = exc
     summary = summarize(out_dir, plan)
+    summary["restarts"] = restarts
     summary["wall_seconds"] = time.monotonic() - started
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if preempted is not None:
+        at = summary.get("preempted_at")
+        raise Preempted(f"preempted: every group checkpointed at iteration {at}; continue with --resume "
+                        f"(summary {out_dir / 'summary.json'})", at or 0)
     for name, g in summary["groups"].items():
         echo(f"{name:<14} {g['iterations']} iterations, {g['images']} images, "
              f"{g['mean_step_seconds'] or 0:.3f} s/it, wait {g['mean_wait_seconds'] or 0:.3f} s/it")
@@ -101,46 +160,116 @@ def run_distill(topology: str | Path, out: str | None = None, iterations: int | 
 
 def launch_and_supervise(topo: Topology, expected: dict[int, str], rank_args: list[str], out_dir: Path,
                          title: str, metrics_port: int | None = None, progress_every_s: float = 5.0,
-                         echo=print) -> None:
+                         echo=print, restart_args=None, restarts: dict[str, int] | None = None) -> None:
     """Serve control + /metrics, start one rank program (launch.RANK_MODULE RANK_ARGS) per entry of
     `expected` (rank -> group), watch them; raises DinodistError naming the failed rank. Shared by
     `distill` and `add-student` (orchestrator/add_student.py), whose world is the new group's ranks
-    only."""
+    only.
+
+    `restart_args(group)` (restart_group policy): the rank arguments a failed student group is started
+    again with, as a world of its own; `restarts` counts them per group. `<out>/run.json` lists every
+    group's ranks and each rank's current pid, rewritten after every restart."""
     world = len(expected)
     grace_s = topo.control.grace_s
     port = topo.metrics.port if metrics_port is None else metrics_port
     exporter = MetricsExporter(port=port)
+    students = [name for name in dict.fromkeys(expected.values()) if name != "teacher"]
     server = server_from_config(topo.control, expected, on_message=exporter.observe_message,
-                                on_event=exporter.observe_event)
+                                on_event=exporter.observe_event,
+                                restartable=students if restart_args is not None else ())
+    restarts = restarts if restarts is not None else {}
+    for name in students:
+        exporter.set_attached(name, True)
     run_info = {"metrics_url": exporter.url, "control": server.address, "world_size": world,
                 "groups": {name: [r for r, g in expected.items() if g == name]
                            for name in dict.fromkeys(expected.values())}}
     (out_dir / "run.json").write_text(json.dumps(run_info, indent=1))
     echo(f"{title}; metrics {exporter.url}; logs {out_dir / 'logs'}")
     launcher = None
+    launchers = []  # every launcher started: the first, then one per group restart
+    current: dict[int, object] = {}  # rank -> its current RankProcess
+
+    def write_run_info() -> None:
+        run_info["pids"] = {str(r): p.proc.pid for r, p in sorted(current.items())}
+        run_info["restarts"] = dict(restarts)
+        tmp = out_dir / "run.json.tmp"
+        tmp.write_text(json.dumps(run_info, indent=1))
+        tmp.replace(out_dir / "run.json")
+
+    def restart(group: str) -> dict:
+        ranks = sorted(r for r, g in expected.items() if g == group)
+        n = restarts.get(group, 0)  # supervise counted this restart already
+        echo(f"{group}: restarting its {len(ranks)} rank(s) from the group's checkpoint (restart {n} of "
+             f"at most {topo.control.max_restarts}); the other groups go on")
+        new = launch_ranks(len(ranks), restart_args(group), out_dir / "logs", control_addr=server.address,
+                           names=ranks, log_suffix=f".restart{n}")
+        launchers.append(new)
+        current.update({r.rank: r for r in new.ranks})
+        write_run_info()
+        exporter.record_restart(group)
+        exporter.set_attached(group, True)
+        return {r.rank: r.proc for r in new.ranks}
+
     try:
         launcher = launch_ranks(world, rank_args, out_dir / "logs", control_addr=server.address)
-        procs = {r.rank: r.proc for r in launcher.ranks}
-        run_info["pids"] = {str(r): p.pid for r, p in procs.items()}
-        (out_dir / "run.json").write_text(json.dumps(run_info, indent=1))
+        launchers.append(launcher)
+        current.update({r.rank: r for r in launcher.ranks})
+        write_run_info()
 
         def kill(ranks: list[int]) -> None:
             for r in ranks:
-                launcher.kill(r)
+                proc = current[r].proc
+                if proc.poll() is None:
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
 
-        outcome = supervise(server, procs, grace_s=grace_s, kill=kill,
-                            progress=lambda st: echo(progress_line(st)), progress_every_s=progress_every_s)
+        def failed_group(group: str) -> None:
+            exporter.set_attached(group, False)
+
+        with _preempt_signals(echo) as asked:
+            outcome = supervise(server, {r: p.proc for r, p in current.items()}, grace_s=grace_s, kill=kill,
+                                progress=lambda st: echo(progress_line(st)),
+                                progress_every_s=progress_every_s, preempt=asked,
+                                restart=restart if restart_args is not None else None,
+                                max_restarts=topo.control.max_restarts, restarts=restarts,
+                                on_group_failure=failed_group)
     finally:
-        if launcher is not None:
-            launcher.stop(grace_s=1.0)
+        for ln in launchers:
+            ln.stop(grace_s=1.0)
         server.close()
         exporter.close()
+    if outcome.exit_code == PREEMPTED_EXIT:
+        raise Preempted(outcome.message, 0)
     if outcome.exit_code != 0:
         message = root_cause(server.ranks(), outcome)
         failed = _first_failed_rank(message)
-        where = launcher.ranks[failed].log_path if failed is not None else out_dir / "logs"
+        where = current[failed].log_path if failed in current else out_dir / "logs"
         hint = f" (see {where})"
         raise DinodistError(message + hint)
+
+
+class _preempt_signals:
+    """While supervising: SIGTERM / SIGUSR1 to the driver become a `preempt` request to the ranks (the
+    scheduler's notice reaches the ranks through the supervisor); `asked()` says whether one came."""
+
+    def __init__(self, echo) -> None:
+        self.echo, self.flag, self.old = echo, False, {}
+
+    def __enter__(self):
+        def handler(signum, _frame) -> None:
+            if not self.flag:
+                self.echo(f"{signal.Signals(signum).name}: asking every group to checkpoint and stop")
+            self.flag = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self.old[sig] = signal.signal(sig, handler)
+        return lambda: self.flag
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
 
 
 def root_cause(states: dict, outcome) -> str:

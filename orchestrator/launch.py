@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dinodist.core.control.client import CONTROL_ENV
+from dinodist.core.control.client import CONTROL_ENV, CONTROL_RANK_ENV
 from dinodist.core.errors import DinodistError
 from dinodist.core.net import free_port
 
@@ -39,6 +39,10 @@ class Launcher:
     def __init__(self, ranks: list[RankProcess], master_port: int) -> None:
         self.ranks = ranks
         self.master_port = master_port
+
+    def get(self, rank: int) -> RankProcess:
+        """The process of `rank` (as the launcher names it)."""
+        return next(r for r in self.ranks if r.rank == rank)
 
     def poll(self) -> list[tuple[int, int]]:
         """Ranks that exited since the last call, as (rank, exit code)."""
@@ -73,7 +77,7 @@ class Launcher:
 
     def kill(self, rank: int) -> None:
         """SIGKILL one rank's process group (a straggler after the grace period)."""
-        r = self.ranks[rank]
+        r = self.get(rank)
         if r.proc.poll() is None:
             try:
                 os.killpg(r.proc.pid, signal.SIGKILL)
@@ -90,7 +94,7 @@ class Launcher:
 
     def tail(self, rank: int, lines: int = 5) -> str:
         """Last lines of a rank's log, to quote in an error message."""
-        path = self.ranks[rank].log_path
+        path = self.get(rank).log_path
         try:
             text = path.read_text(errors="replace").strip().splitlines()
         except OSError:
@@ -119,24 +123,34 @@ def rank_env(rank: int, world_size: int, master_port: int, control_addr: str | N
 
 
 def launch_ranks(world_size: int, args: Sequence[str], log_dir: str | Path, control_addr: str | None = None,
-                 extra_env: Mapping[str, str] | None = None, module: str = RANK_MODULE) -> Launcher:
-    """Start `world_size` ranks of `python -m MODULE ARGS`, logs in `log_dir/rank-<r>.log`."""
+                 extra_env: Mapping[str, str] | None = None, module: str = RANK_MODULE,
+                 names: Sequence[int] | None = None, log_suffix: str = "") -> Launcher:
+    """Start `world_size` ranks of `python -m MODULE ARGS`, logs in `log_dir/rank-<r><suffix>.log`.
+
+    `names`: how the launcher (and the logs) call ranks 0..world_size-1 of this world, e.g. the global
+    ranks of a student group restarted as a world of its own; by default their world ranks.
+    """
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    named = names is not None
+    names = list(names) if named else list(range(world_size))
     ranks = []
     for rank in range(world_size):
-        log_path = log_dir / f"rank-{rank}.log"
+        log_path = log_dir / f"rank-{names[rank]}{log_suffix}.log"
+        env = dict(extra_env or {})
+        if named:
+            env[CONTROL_RANK_ENV] = str(names[rank])
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", module, *args],
-                env=rank_env(rank, world_size, port, control_addr, extra_env),
+                env=rank_env(rank, world_size, port, control_addr, env),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # own process group: a stop reaches the rank's children too
             )
-        ranks.append(RankProcess(rank, proc, log_path))
+        ranks.append(RankProcess(names[rank], proc, log_path))
     return Launcher(ranks, port)
 
 

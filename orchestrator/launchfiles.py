@@ -7,6 +7,12 @@ TOPOLOGY --plan PLAN`, under torchrun (c10d rendezvous, env:// variables). `depl
 group from its global rank: teacher ranks first, then the students in listed order. Node 0 is the
 rendezvous host and the address ranks dial for the control plane (`DINODIST_CONTROL`: zmq at
 `control.port`; `/metrics` at `metrics.port`).
+
+Failures and preemption (docs/fault-tolerance.md): every launcher passes `--resume`, so each restart it
+makes (torchrun `--max-restarts`, a requeued SLURM job, a restarted pod) continues from the newest
+checkpoint every group holds instead of starting over. A preemption notice reaches the ranks as a
+signal (SLURM: USR1 `PREEMPT_NOTICE_S` before the end, forwarded to every rank; Kubernetes: the pod's
+SIGTERM, which torchrun forwards): they checkpoint at the next common iteration and exit with 75.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from dinodist.orchestrator.launch import RANK_MODULE
 from dinodist.orchestrator.planfile import PLAN_FILE, write_plan
 from dinodist.orchestrator.topology import Topology
 
+PREEMPT_NOTICE_S = 180  # SLURM --signal: the ranks' notice before the job is killed
+REQUEUE_AFTER_S = 150  # SLURM: requeue this long after the notice, once the ranks have checkpointed
+TERMINATION_GRACE_S = 300  # Kubernetes: SIGTERM to SIGKILL, time for one iteration and a checkpoint
 DEFAULT_CONTROL_PORT = 29600  # used when the topology leaves control.port at 0 (ephemeral)
 RDZV_PORT = 29400
 CONFIG_MOUNT = "/etc/dinodist"  # Kubernetes: the ConfigMap with topology.yaml and plan.json
@@ -87,7 +96,7 @@ def torchrun_argv(spec: LaunchSpec, nproc: str, head: str) -> list[str]:
         f"--rdzv-endpoint={head}:{RDZV_PORT}",
         f"--rdzv-id={spec.job}",
         f"--max-restarts={spec.max_restarts}",
-        "-m", RANK_MODULE, spec.topology_path, "--plan", spec.plan_path,
+        "-m", RANK_MODULE, spec.topology_path, "--plan", spec.plan_path, "--resume",
     ]
 
 
@@ -140,6 +149,9 @@ def sbatch_script(spec: LaunchSpec) -> str:
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --{flag}={per_node}",
         "#SBATCH --output=slurm-%j.out",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --requeue",
+        f"#SBATCH --signal=B:USR1@{PREEMPT_NOTICE_S}",
         f"# dinodist deploy slurm for topology {spec.topology.name}",
         *rank_map_lines(spec),
         "set -euo pipefail",
@@ -148,15 +160,33 @@ def sbatch_script(spec: LaunchSpec) -> str:
         'export HEAD_ADDR="${NODES[0]}"',
         *_env_lines(spec, "${HEAD_ADDR}"),
         f'export DINODIST_NPROC="{nprocs}"  # ranks per node, in node order',
-        "# one task per node; each runs torchrun with its node's rank count",
+        "# one task per node; each runs torchrun with its node's rank count. A USR1 reaching a task is",
+        "# passed to its ranks (not to torchrun, whose default for USR1 is to die): they checkpoint at the",
+        "# next iteration common to every group and exit 75; a restart torchrun makes then resumes there",
         "run_node() {",
-        '  local counts nproc',
+        '  local counts nproc pid',
         '  read -r -a counts <<< "$DINODIST_NPROC"',
         '  nproc="${counts[$SLURM_NODEID]}"',
-        f"  exec {inner}",
+        f"  {inner} &",
+        '  pid=$!',
+        "  trap 'pkill -USR1 -P \"$pid\" || true' USR1",
+        '  while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done',
+        '  wait "$pid"',
         "}",
         "export -f run_node",
-        "srun --kill-on-bad-exit=1 bash -c run_node",
+        "# the notice (--signal B:USR1) reaches this shell: pass it to every node's task, give the ranks",
+        "# time to checkpoint, then requeue; the requeued job resumes (--resume) from that checkpoint",
+        "preempt() {",
+        '  echo "dinodist: preemption notice; asking every rank to checkpoint" >&2',
+        '  scancel --signal=USR1 "$SLURM_JOB_ID" || true',
+        f'  sleep "${{DINODIST_REQUEUE_AFTER_S:-{REQUEUE_AFTER_S}}}"',
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "}",
+        "trap preempt USR1",
+        "srun --kill-on-bad-exit=1 bash -c run_node &",
+        "step=$!",
+        'while kill -0 "$step" 2>/dev/null; do wait "$step" || true; done',
+        'wait "$step"',
         "",
     ]
     return "\n".join(lines)
@@ -223,7 +253,7 @@ def k8s_manifests(spec: LaunchSpec, kind: str = "trainjob") -> str:
     volume = {"name": "topology", "configMap": {"name": f"{spec.job}-topology"}}
     mount = {"name": "topology", "mountPath": CONFIG_MOUNT, "readOnly": True}
     command = ["torchrun", f"--max-restarts={spec.max_restarts}", "-m", RANK_MODULE, TOPOLOGY_MOUNT,
-               "--plan", PLAN_MOUNT]
+               "--plan", PLAN_MOUNT, "--resume"]
     annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(spec.topology.metrics.port)}
     if kind == "trainjob":
         job = {
@@ -239,7 +269,8 @@ def k8s_manifests(spec: LaunchSpec, kind: str = "trainjob") -> str:
                 "podTemplateOverrides": [{
                     "targetJobs": [{"name": "node"}],
                     "metadata": {"annotations": annotations},
-                    "spec": {"volumes": [volume], "containers": [{"name": "node", "volumeMounts": [mount]}]},
+                    "spec": {"volumes": [volume], "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+                             "containers": [{"name": "node", "volumeMounts": [mount]}]},
                 }],
             },
         }
@@ -247,7 +278,8 @@ def k8s_manifests(spec: LaunchSpec, kind: str = "trainjob") -> str:
         def replica(n: int) -> dict:
             return {"replicas": n, "restartPolicy": "OnFailure", "template": {
                 "metadata": {"annotations": annotations},
-                "spec": {"volumes": [volume], "containers": [{
+                "spec": {"volumes": [volume], "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+                         "containers": [{
                     "name": "pytorch", "image": spec.image, "command": command,
                     "env": _container_env(spec), "resources": _resources(spec), "volumeMounts": [mount]}]}}}
         specs = {"Master": replica(1)}
@@ -256,7 +288,9 @@ def k8s_manifests(spec: LaunchSpec, kind: str = "trainjob") -> str:
         job = {
             "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
             "metadata": _meta(spec, spec.job, annotations=annotations),
-            "spec": {"nprocPerNode": str(spec.nproc(0)), "pytorchReplicaSpecs": specs},
+            # pod restarts (restartPolicy OnFailure) resume; after backoffLimit the job fails
+            "spec": {"nprocPerNode": str(spec.nproc(0)), "pytorchReplicaSpecs": specs,
+                     "runPolicy": {"backoffLimit": spec.max_restarts}},
         }
     header = "\n".join(rank_map_lines(spec)) + "\n"
     return header + yaml.safe_dump_all([config, service, job], sort_keys=False)

@@ -58,6 +58,11 @@ class MetricsExporter:
                                     "Bytes of teacher targets sent to student groups.", ["group"], registry=r)
         self.rank_up = Gauge("dinodist_rank_up", "1 while a rank is registered and alive.",
                              ["group", "rank"], registry=r)
+        self.restarts = Counter("dinodist_group_restarts", "Times a failed student group was restarted "
+                                "(control.on_failure: restart_group).", ["group"], registry=r)
+        self.attached = Gauge("dinodist_group_attached", "1 while a student group is running (live or "
+                              "catching up from the target store), 0 between its failure and its restart.",
+                              ["group"], registry=r)
         self.gpu_utilization: Gauge | None = None
         self.gpu_memory: Gauge | None = None
         # (rank, session) -> largest cumulative value seen per counted field
@@ -105,6 +110,14 @@ class MetricsExporter:
         if msg.gpu_utilization_ratio is not None or msg.gpu_memory_used_bytes is not None:
             self.update_gpu(group, msg.rank, msg.gpu_utilization_ratio, msg.gpu_memory_used_bytes)
         self.rank_up.labels(group=group, rank=rank).set(0 if isinstance(msg, m.Done) else 1)
+
+    def record_restart(self, group: str) -> None:
+        self.restarts.labels(group=group).inc()
+
+    def set_attached(self, group: str, attached: bool) -> None:
+        # every student group shows a restart count from the start, so rate() and alerts see 0 first
+        self.restarts.labels(group=group)
+        self.attached.labels(group=group).set(1 if attached else 0)
 
     def update_gpu(self, group: str, rank: int, utilization_ratio: float | None,
                    memory_used_bytes: int | None) -> None:

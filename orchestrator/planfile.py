@@ -21,6 +21,9 @@ from dinodist.core.config import validation_error_line
 from dinodist.core.errors import DinodistError
 
 PLAN_FILE = "plan.json"
+# the data source's file list, written by the driver beside the plan when it can read the data
+# (core.data.index): ranks build their source from it instead of each walking the image tree
+DATA_INDEX_FILE = "data-index.json"
 _MAX_BYTES = 16 << 20  # thousands of ranks fit in well under a megabyte
 
 

@@ -112,12 +112,20 @@ class Student(_Strict):
     devices: int | str = "auto"
     batch_per_rank: int | None = Field(None, gt=0)  # derived (global batch / devices); if given, must agree
     shard: Literal["fsdp", "ddp"] = "fsdp"
-    activation_checkpointing: bool = False
+    # true (full: each block re-run in the backward), false, or selective (core/models/checkpointing.py)
+    activation_checkpointing: bool | Literal["selective"] = False
     dino_head: HeadConfig = Field(default_factory=HeadConfig)
     ibot_head: HeadConfig = Field(default_factory=HeadConfig)
     optim: StudentOptim = Field(default_factory=StudentOptim)
 
     _check_devices = field_validator("devices", mode="before")(_devices_value)
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_value(cls, v: Any) -> Any:
+        if v is True or v is False or v == "selective":
+            return v
+        raise ValueError(f"must be true, false or selective, got {v!r}")
 
 
 class Data(_Strict):
@@ -145,6 +153,9 @@ class Train(_Strict):
     clip_grad: float = Field(3.0, ge=0)
     warmup_iterations: int = Field(0, ge=0)
     checkpoint_every: int | None = Field(None, gt=0)
+    # checkpoints kept per group (older ones are deleted); 2 so that a crash while the newest is being
+    # written, or a torn newest one, still leaves one that every group has (resume needs a common one)
+    keep_checkpoints: int = Field(2, ge=1)
     prefetch_depth: int = Field(1, ge=1)
     # true: every rank of a group takes G / devices rows, so each group size must divide G.
     # false: a group of d ranks splits G as evenly as possible (orchestrator.allocate.rank_rows), so
@@ -168,7 +179,12 @@ class Control(_Strict):
     heartbeat_interval_s: float = Field(0.5, gt=0)  # how often a rank says it is alive
     heartbeat_timeout_s: float = Field(10.0, gt=0)  # silence after which a rank counts as dead
     register_timeout_s: float | None = Field(300.0, gt=0)  # a rank that never registers; null: wait
-    on_failure: Literal["stop", "restart_group"] = "stop"  # restart_group is refused (not built yet)
+    # restart_group: a failed student group restarts from its checkpoint and catches up from the target
+    # store while the teacher and the other groups go on; stop: the first failure stops the job
+    on_failure: Literal["stop", "restart_group"] = "restart_group"
+    max_restarts: int = Field(3, ge=0)  # per student group; one more failure stops the job
+    # a running rank whose iteration does not advance for this long is hung: a failure like a death
+    progress_timeout_s: float | None = Field(600.0, gt=0)
     grace_s: float = Field(5.0, ge=0)  # after a failure: SIGKILL ranks still alive this long after `stop`
 
     @model_validator(mode="after")
@@ -177,6 +193,9 @@ class Control(_Strict):
             raise ValueError(f"heartbeat_interval_s {self.heartbeat_interval_s:g} must be below "
                              f"heartbeat_timeout_s {self.heartbeat_timeout_s:g}")
         return self
+
+
+RESTART_STORE = "targets"  # <out>/targets: the store restarted groups catch up from, when no store: is set
 
 
 class Store(_Strict):
@@ -244,6 +263,15 @@ class Topology(_Strict):
         merged = self.train.model_dump()
         merged.update({k: v for k, v in self.student(name).optim.model_dump().items() if v is not None})
         return merged
+
+    def target_store_path(self, out_dir: str | Path) -> str | None:
+        """Where the teacher writes targets: `store.path`, else `<out>/targets` when restarted groups
+        need one to catch up from (`control.on_failure: restart_group`), else nowhere."""
+        if self.store is not None:
+            return self.store.path
+        if self.control.on_failure == "restart_group":
+            return str(Path(out_dir) / RESTART_STORE)
+        return None
 
     def resolved_backend(self) -> str:
         if self.backend != "auto":
@@ -453,16 +481,10 @@ def check_topology(topo: Topology) -> None:
 def check_runnable(topo: Topology) -> None:
     """Refuse settings that `plan` models but the runtime does not apply yet (one line each).
 
-    `dinodist plan` accepts them: the paper topology is planned with activation checkpointing, which
-    is how it fits. Everything that starts ranks (distill, add-student, deploy, the rank program
-    itself) calls this first, so a plan never silently assumes what the run will not do.
+    `dinodist plan` accepts them. Everything that starts ranks (distill, add-student, deploy, the rank
+    program itself) calls this first, so a plan never silently assumes what the run will not do.
     """
     for i, s in enumerate(topo.students):
-        if s.activation_checkpointing:
-            raise DinodistError(
-                f"students[{i}].activation_checkpointing: not applied by the runtime yet (the plan's "
-                "memory assumes it); set it to false to run"
-            )
         if s.shard != "fsdp":
             raise DinodistError(
                 f"students[{i}].shard: {s.shard!r} is not applied by the runtime yet (every student group "
@@ -472,9 +494,6 @@ def check_runnable(topo: Topology) -> None:
 
 
 def check_failure_policy(policy: str) -> None:
-    """The failure policies the supervisor implements (orchestrator/control.py): `stop` only, so far."""
-    if policy == "restart_group":
-        raise DinodistError("control.on_failure: 'restart_group' is not supported yet; use 'stop' "
-                            "(see docs/control-plane.md)")
-    if policy != "stop":
+    """The failure policies the supervisor implements (orchestrator/control.py)."""
+    if policy not in ("stop", "restart_group"):
         raise DinodistError(f"control.on_failure: {policy!r} is not one of 'stop', 'restart_group'")

@@ -11,7 +11,14 @@ holding all G rows would. metrics.jsonl reports the unscaled group-level terms, 
 rows-weighted mean of the ranks' terms (= the term over the whole batch; the plain mean when even).
 
 The optimizer step (core/train/update.py) and the checkpoints (core/checkpoint.py, on the group's
-process group: `<group_dir>/ckpt/<iteration>/` holding student, EMA and optimizer) are the SSL stages'.
+process group: `<group_dir>/ckpt/<iteration>/` holding student, EMA, optimizer and every rank's RNG
+state, the newest `keep_checkpoints` kept) are the SSL stages'. Each checkpoint also refreshes
+`<group_dir>/backbone.pth` (the EMA backbone, official layout), so a stopped job leaves usable weights.
+
+Resume (`resume_at`): the group loads its checkpoint of that iteration and continues; data, masks and
+schedules are functions of the iteration, so the losses continue as if the run had never stopped, and
+metrics.jsonl keeps each iteration once. Preemption: targets flagged `last` by the teacher end the run
+after that iteration with a checkpoint, which every group writes at the same iteration.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dinodist.core.checkpoint import save_checkpoint
+from dinodist.core.checkpoint import load_checkpoint, save_checkpoint
 from dinodist.core.data.augment import CropConfig
 from dinodist.core.data.loader import BatchLoader
 from dinodist.core.data.sources import build_source
@@ -33,6 +40,7 @@ from dinodist.core.errors import DinodistError
 from dinodist.core.models import HeadSpec, build_backbone, load_backbone_state, save_backbone
 from dinodist.core.rows import loss_scale, rank_rows
 from dinodist.core.targets import HEADS, TargetSource, crop_major, masks_from_collated
+from dinodist.core.train import preempt
 from dinodist.core.train.metrics import open_metrics, write_record
 from dinodist.core.train.optim import build_optimizer
 from dinodist.core.train.update import optimizer_step
@@ -53,6 +61,7 @@ class StudentJob:
     arch: str
     kind: str
     source: str
+    data_index: str | None  # core.data.index file of `source` (None: list the files)
     crops: CropConfig
     global_batch: int
     iterations: int
@@ -67,6 +76,8 @@ class StudentJob:
     optim: StudentOptim
     loss: LossConfig
     checkpoint_every: int | None
+    keep_checkpoints: int
+    activation_checkpointing: bool | str  # true / "full", "selective", false / "none"
 
     @property
     def group_dir(self) -> Path:
@@ -110,11 +121,16 @@ def _check_rows(job: StudentJob, ctx: GroupContext) -> None:
 
 
 def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str, torch.Tensor] | None,
-                  ctx: GroupContext, report: Report | None = None) -> dict:
-    """Train for `job.iterations`; returns the rank's totals. Group rank 0 writes metrics and exports."""
+                  ctx: GroupContext, report: Report | None = None, resume_at: int | None = None) -> dict:
+    """Train for `job.iterations`; returns the rank's totals. Group rank 0 writes metrics and exports.
+
+    `resume_at`: continue from the group's checkpoint of that iteration (0 or None: from scratch).
+    Totals carry `preempted_at` (the next iteration to train) when the teacher's targets ended the run.
+    """
     _check_rows(job, ctx)
     student = build_student(job.arch, job.overrides, job.kind, job.dino_head, job.ibot_head,
                             job.teacher_dim, job.seed)
+    student.apply_activation_checkpointing(job.activation_checkpointing)  # before make_ema / shard_student
     depth = len(student.backbone.blocks)
     ema = make_ema(student)
     student.to(ctx.device)
@@ -129,24 +145,29 @@ def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str,
                                 patch_embed_lr_mult=opt.patch_embed_lr_mult, betas=opt.betas)
     # the checkpoint's model: both towers under one root, so their keys are "student.*" and "ema.*"
     towers = torch.nn.ModuleDict({"student": student, "ema": ema})
+    first = resume_at or 0
+    if first:
+        load_checkpoint(job.group_dir / "ckpt" / str(first), towers, optimizer, group=ctx.group)
     if last_layers is not None:
         last_layers = {k: v.to(ctx.device) for k, v in last_layers.items()}
-    source = build_source(job.source)
+    source = build_source(job.source, index=job.data_index)
     loader = BatchLoader(source, job.crops, job.global_batch, job.seed, slice(ctx.start, ctx.stop),
                          student.backbone.patch_size, mask_prob=job.mask_prob, mask_ratio=job.mask_ratio)
     group_dir = job.group_dir
     writer = None
     if ctx.group_rank == 0:
         group_dir.mkdir(parents=True, exist_ok=True)
-        writer = open_metrics(group_dir / "metrics.jsonl")
+        writer = open_metrics(group_dir / "metrics.jsonl", first)
     rows = ctx.stop - ctx.start
     scale = loss_scale(rows, ctx.group_size, job.global_batch)
     totals = {"iterations": 0, "images": 0, "step_seconds": 0.0, "wait_seconds": 0.0,
-              "rows": [ctx.start, ctx.stop], "loss_scale": scale}
+              "rows": [ctx.start, ctx.stop], "loss_scale": scale, "start_iteration": first,
+              "checkpoint_seconds": 0.0}
     # always the group itself: sinkhorn_knopp reads group=None as the whole world
     sk_group = ctx.group
+    saved = first  # the iteration of the newest checkpoint of this run
     try:
-        for it in range(job.iterations):
+        for it in range(first, job.iterations):
             t0 = time.perf_counter()
             batch = loader.get(it)
             tw = time.perf_counter()
@@ -182,15 +203,24 @@ def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str,
                 line = {"iteration": it, "loss": group_loss, **terms, "step_seconds": step,
                         "wait_seconds": wait, "images": job.global_batch}
                 write_record(writer, line)
-            if job.checkpoint_every and (it + 1) % job.checkpoint_every == 0:
-                _checkpoint(job, ctx, towers, optimizer, it + 1)
+            if tgt.last or (job.checkpoint_every and (it + 1) % job.checkpoint_every == 0):
+                tc = time.perf_counter()
+                saved = _checkpoint(job, ctx, towers, ema, optimizer, it + 1)
+                totals["checkpoint_seconds"] += time.perf_counter() - tc
             if report is not None:
                 cmd = report({"iteration": it, "step_seconds": step, "wait_seconds": wait, "images": rows,
                               "losses": {"total": group_loss, **terms}})
-                if cmd == "checkpoint":
-                    _checkpoint(job, ctx, towers, optimizer, it + 1)
+                if cmd == "checkpoint" and saved != it + 1:
+                    saved = _checkpoint(job, ctx, towers, ema, optimizer, it + 1)
                 elif cmd == "stop":
                     raise DinodistError(f"group {job.name}: stopped by the orchestrator at iteration {it}")
+                elif cmd == "preempt":
+                    preempt.request("the supervisor asked")
+            if tgt.last:
+                # the teacher's last iteration of this run: every group has just checkpointed here
+                totals["preempted_at"] = it + 1
+                log.warning("group %s: preempted; checkpoint at iteration %d", job.name, it + 1)
+                return totals
     finally:
         loader.close()
         if writer is not None:
@@ -199,11 +229,14 @@ def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str,
     return totals
 
 
-def _checkpoint(job: StudentJob, ctx: GroupContext, towers: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                iteration: int) -> None:
-    """`<group_dir>/ckpt/<iteration>/` on every rank of the group; students keep every checkpoint for now."""
-    save_checkpoint(job.group_dir / "ckpt", iteration, towers, optimizer, meta={"group": job.name}, keep=None,
-                    group=ctx.group)
+def _checkpoint(job: StudentJob, ctx: GroupContext, towers: torch.nn.Module, ema: torch.nn.Module,
+                optimizer: torch.optim.Optimizer, iteration: int) -> int:
+    """`<group_dir>/ckpt/<iteration>/` on every rank of the group (the newest `keep_checkpoints` kept),
+    then the EMA backbone as `<group_dir>/backbone.pth`; returns `iteration`."""
+    save_checkpoint(job.group_dir / "ckpt", iteration, towers, optimizer, meta={"group": job.name},
+                    keep=job.keep_checkpoints, group=ctx.group)
+    export_backbone(ema, job.arch, job.overrides, job.group_dir / "backbone.pth", ctx)
+    return iteration
 
 
 def export_backbone(ema: torch.nn.Module, arch: str, overrides: dict, path: Path, ctx: GroupContext) -> None:

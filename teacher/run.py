@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
+import shutil
 import time
 from collections import deque
 from collections.abc import Callable
@@ -46,11 +48,15 @@ from dinodist.core.targets import (
     post_recv_block,
     send_block,
     send_last_layers,
-    send_targets,
+    send_transfer,
     wait_block,
 )
+from dinodist.core.train import preempt
+from dinodist.core.train.metrics import open_metrics, write_record
 from dinodist.teacher.model import last_layers, load_teacher, shard_teacher
 from dinodist.teacher.targets import compute_targets
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -61,6 +67,7 @@ class TeacherJob:
     arch: str
     kind: str
     source: str
+    data_index: str | None  # core.data.index file of `source` (None: list the files)
     crops: CropConfig  # n_local is ignored: the teacher only sees global crops
     global_batch: int
     iterations: int
@@ -74,7 +81,9 @@ class TeacherJob:
     mask_prob: float
     mask_ratio: tuple[float, float]
     prefetch_depth: int
-    store: dict | None  # {"path", "dtype", "retain": int | None}: write a target store
+    store: dict | None  # {"path", "dtype", "retain": int | None, "implicit": bool}: write a target store
+    # control.on_failure restart_group: a student group whose sends fail is dropped, not the teacher
+    detach_failed_groups: bool
     topology: str  # topology name, recorded in the store manifest
 
 
@@ -111,30 +120,109 @@ def store_manifest(job: TeacherJob, teacher_hash: str, data_fingerprint: str, pa
 NOT_COMPARED = ("topology", "iterations")
 
 
-def _open_store(job: TeacherJob, identity: str, fingerprint: str, patch_size: int):
+def _open_store(job: TeacherJob, identity: str, fingerprint: str, patch_size: int, start: int | None):
+    """A new store (`start` None), or the store of the run being resumed, cut back to the records before
+    `start`: those after it are recomputed, so they are never kept twice nor mixed with new ones."""
     teacher_hash = identity if identity.startswith("random-init:") else f"sha256:{identity}"
     manifest = store_manifest(job, teacher_hash, fingerprint, patch_size)
     s = job.store
-    return StoreWriter(s["path"], manifest, dtype=s.get("dtype", "bf16"), retain=s.get("retain"))
+    if start is None and s.get("implicit") and Path(s["path"]).exists():
+        # the restart store of an earlier run in this output folder: this run writes its own
+        shutil.rmtree(s["path"])
+    resume = start is not None and Path(s["path"]).exists()
+    return StoreWriter(s["path"], manifest, dtype=s.get("dtype", "bf16"), retain=s.get("retain"),
+                       resume=resume, resume_from=start if resume else None)
+
+
+class _Sends:
+    """The teacher's in-flight target sends, per student group, at most `depth` iterations deep.
+
+    With `detach` (control.on_failure: restart_group) a group one of whose ranks can no longer be
+    reached (gloo: the connection to a dead peer errors at once) is dropped for the rest of the run:
+    no more targets go to it, while every other group is served as before. The supervisor restarts it
+    as a follower of the target store, which has every iteration it missed. Without `detach` such an
+    error ends the teacher, as it always did.
+    """
+
+    def __init__(self, exchange: ExchangePlan, rank: int, depth: int, detach: bool) -> None:
+        self.exchange, self.rank, self.depth, self.detach = exchange, rank, depth, detach
+        self.in_flight: deque[dict[str, list]] = deque()
+        self.detached: dict[str, int] = {}  # group -> the iteration it was dropped at
+
+    def send(self, targets, device: torch.device, extra: list) -> int:
+        """isend this iteration's rows to every attached group (and `extra`: the store gather)."""
+        works: dict[str, list] = {"": list(extra)}
+        nbytes = 0
+        for tr in self.exchange.sends(self.rank):
+            group = self.exchange.group_of(tr.dst)
+            if group in self.detached:
+                continue
+            try:
+                w, n = send_transfer(targets, tr, device)
+            except RuntimeError as exc:
+                self._drop(group, targets.iteration, exc)
+                continue
+            works.setdefault(group, []).extend(w)
+            nbytes += n
+        self.in_flight.append(works)
+        return nbytes
+
+    def wait(self, keep: int, iteration: int) -> None:
+        """Complete the oldest sends until at most `keep` iterations are in flight."""
+        while len(self.in_flight) > keep:
+            for group, works in self.in_flight.popleft().items():
+                if group in self.detached:
+                    continue  # never completes: its peer is gone
+                try:
+                    for w in works:
+                        w.wait()
+                except RuntimeError as exc:
+                    if group == "":
+                        raise
+                    self._drop(group, iteration, exc)
+
+    def _drop(self, group: str, iteration: int, exc: BaseException) -> None:
+        if not self.detach or group == "":
+            raise exc
+        self.detached[group] = iteration
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        log.warning("teacher rank %d: group %s cannot be reached at iteration %d (%s); no more targets go to "
+                    "it (it catches up from the target store)", self.rank, group, iteration, first)
+
+
+def _agree_last(local: bool, flag_group) -> bool:
+    """Whether any teacher rank was asked to stop: all of them must flag the same last iteration, since
+    each student rank hears only from the teacher ranks that hold its rows. A CPU (gloo) all-reduce, so
+    it never waits on the device."""
+    if flag_group is None:
+        return local
+    t = torch.tensor([1 if local else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=flag_group)
+    return bool(t.item())
 
 
 Report = Callable[[dict], "str | None"]
 
 
 def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh, device: torch.device,
-                report: Report | None = None) -> dict:
-    """Serve targets for every iteration; returns this rank's totals (group rank 0 writes files)."""
+                report: Report | None = None, resume_at: int | None = None, flag_group=None) -> dict:
+    """Serve targets for every iteration; returns this rank's totals (group rank 0 writes files).
+
+    `resume_at`: resume at that iteration (the students' common checkpoint); None starts a new run.
+    `flag_group`: a gloo group of the teacher ranks (None with one rank) on which they agree to stop
+    early when preemption is requested (core.train.preempt): the last iteration's targets then carry
+    `last`, every student checkpoints after it, and the totals say `preempted_at` (the next iteration).
+    """
     teacher_ranks = exchange.teacher_ranks
     group_rank = teacher_ranks.index(rank)
     loaded = load_teacher(job.arch, job.overrides, job.checkpoint, job.kind, job.dino_head, job.ibot_head,
                           job.seed)
     model = loaded.model.to(device)
     shard_teacher(model, mesh if len(teacher_ranks) > 1 else None, job.shard)
-    source = build_source(job.source)
-    root = teacher_ranks[0]
+    source = build_source(job.source, index=job.data_index)
     store = None
     if job.store is not None and group_rank == 0:
-        store = _open_store(job, loaded.identity, source.fingerprint(), loaded.spec.patch_size)
+        store = _open_store(job, loaded.identity, source.fingerprint(), loaded.spec.patch_size, resume_at)
     if job.kind == HEADS:
         weights = last_layers(model)  # collective over the teacher group when sharded
         if group_rank == 0:
@@ -142,6 +230,7 @@ def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh,
             send_last_layers(weights, students, device)
             if store is not None:
                 store.write_last_layers(weights)
+    first = resume_at or 0
     start, stop = exchange.teacher_rows(rank)
     crops = dataclasses.replace(job.crops, n_local=0)
     loader = BatchLoader(source, crops, job.global_batch, job.seed, slice(start, stop),
@@ -149,71 +238,18 @@ def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh,
     num_samples = len(source)
     grid = (job.crops.global_size // loaded.spec.patch_size,) * 2
     counts_of = MaskCounter(job.global_batch, num_samples, job.seed, grid, job.mask_prob, job.mask_ratio)
-    pending = None  # rank 0 with a store: (its targets of iteration t, the posted receives of t)
-
     out_dir = Path(job.out_dir) / "teacher"
-    in_flight: deque[list] = deque()
     totals = {"iterations": 0, "teacher_forwards": 0, "target_bytes_sent": 0, "forward_seconds": 0.0,
-              "wait_seconds": 0.0, "step_seconds": 0.0, "store_seconds": 0.0}
-    with contextlib.ExitStack() as stack:
-        stack.callback(loader.close)
-        writer = None
-        if group_rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            writer = stack.enter_context(open(out_dir / "metrics.jsonl", "w", buffering=1))
-        if store is not None:
-            # exits first: marks the store CLOSED on success; on a failure it stays unclosed, so
-            # readers stop at its last complete record as after a crash
-            stack.enter_context(store)
-        for it in range(job.iterations):
-            t0 = time.perf_counter()
-            batch = loader.get(it)
-            targets = compute_targets(model, batch, it, start, job.kind, device)
-            forward = time.perf_counter() - t0
-            works, nbytes = send_targets(exchange, rank, targets, device)
-            ts = time.perf_counter()
-            if job.store is not None and group_rank != 0:
-                works += send_block(targets, root, device)
-            elif store is not None and len(teacher_ranks) == 1:
-                _append_record(store, job, targets, [], num_samples)
-            elif store is not None:
-                if pending is not None:
-                    _append_record(store, job, *pending, num_samples)
-                pending = (targets, [post_recv_block(dims_of(targets), src, it, *exchange.teacher_rows(src),
-                                                     counts_of(it, *exchange.teacher_rows(src))
-                                                     if job.kind == HEADS else None, device)
-                                     for src in teacher_ranks[1:]])
-            store_s = time.perf_counter() - ts
-            in_flight.append(works)
-            tw = time.perf_counter()
-            while len(in_flight) > job.prefetch_depth:
-                for w in in_flight.popleft():
-                    w.wait()
-            wait = time.perf_counter() - tw
-            step = time.perf_counter() - t0
-            totals["iterations"] += 1
-            # one teacher forward per global batch: the group's ranks each run their share of it
-            totals["teacher_forwards"] += 1 if group_rank == 0 else 0
-            totals["target_bytes_sent"] += nbytes
-            totals["forward_seconds"] += forward
-            totals["wait_seconds"] += wait
-            totals["step_seconds"] += step
-            totals["store_seconds"] += store_s
-            if writer is not None:
-                writer.write(json.dumps({"iteration": it, "step_seconds": step, "forward_seconds": forward,
-                                         "wait_seconds": wait, "images": job.global_batch,
-                                         "target_bytes_sent": nbytes, "store_seconds": store_s}) + "\n")
-            if report is not None:
-                cmd = report({"iteration": it, "step_seconds": step, "wait_seconds": wait,
-                              "images": stop - start, "teacher_forwards": 1 if group_rank == 0 else 0,
-                              "target_bytes_sent": nbytes})
-                if cmd == "stop":
-                    raise DinodistError(f"teacher rank {rank}: stopped by the orchestrator at iteration {it}")
-        if pending is not None:
-            _append_record(store, job, *pending, num_samples)
-        while in_flight:
-            for w in in_flight.popleft():
-                w.wait()
+              "wait_seconds": 0.0, "step_seconds": 0.0, "store_seconds": 0.0, "start_iteration": first}
+    preempted_at = None
+    try:
+        with contextlib.ExitStack() as stack:
+            _serve(job, exchange, rank, group_rank, model, loader, store, stack, totals,
+                                  out_dir, counts_of, num_samples, device, report, first, flag_group)
+    except preempt.Preempted as p:
+        preempted_at = p.iteration
+    if preempted_at is not None:
+        totals["preempted_at"] = preempted_at
     sent = torch.tensor([totals["target_bytes_sent"]], dtype=torch.float64, device=device)
     if len(teacher_ranks) > 1:
         dist.all_reduce(sent, group=group)
@@ -226,11 +262,88 @@ def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh,
     return totals
 
 
+def _serve(job: TeacherJob, exchange: ExchangePlan, rank: int, group_rank: int, model, loader, store,
+           stack: contextlib.ExitStack, totals: dict, out_dir: Path, counts_of, num_samples: int,
+           device: torch.device, report: Report | None, first: int, flag_group) -> None:
+    teacher_ranks = exchange.teacher_ranks
+    root = teacher_ranks[0]
+    start, stop = exchange.teacher_rows(rank)
+    pending = None  # rank 0 with a store: (its targets of iteration t, the posted receives of t)
+    sends = _Sends(exchange, rank, job.prefetch_depth, job.detach_failed_groups)
+    stack.callback(loader.close)
+    writer = None
+    if group_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        writer = stack.enter_context(open_metrics(out_dir / "metrics.jsonl", first))
+    if store is not None:
+        # exits first: marks the store CLOSED on success; on a failure or a preemption it stays
+        # unclosed, so readers stop at its last complete record as after a crash
+        stack.enter_context(store)
+    last = False
+    for it in range(first, job.iterations):
+        t0 = time.perf_counter()
+        last = _agree_last(preempt.requested(), flag_group) and it < job.iterations - 1
+        batch = loader.get(it)
+        targets = compute_targets(model, batch, it, start, job.kind, device)
+        targets.last = last
+        forward = time.perf_counter() - t0
+        ts = time.perf_counter()
+        gather = []
+        if job.store is not None and group_rank != 0:
+            gather = send_block(targets, root, device)
+        elif store is not None and len(teacher_ranks) == 1:
+            _append_record(store, job, targets, [], num_samples)
+        elif store is not None:
+            if pending is not None:
+                _append_record(store, job, *pending, num_samples)
+            pending = (targets, [post_recv_block(dims_of(targets), src, it, *exchange.teacher_rows(src),
+                                                 counts_of(it, *exchange.teacher_rows(src))
+                                                 if job.kind == HEADS else None, device)
+                                 for src in teacher_ranks[1:]])
+        store_s = time.perf_counter() - ts
+        nbytes = sends.send(targets, device, gather)
+        tw = time.perf_counter()
+        sends.wait(job.prefetch_depth, it)
+        wait = time.perf_counter() - tw
+        step = time.perf_counter() - t0
+        totals["iterations"] += 1
+        # one teacher forward per global batch: the group's ranks each run their share of it
+        totals["teacher_forwards"] += 1 if group_rank == 0 else 0
+        totals["target_bytes_sent"] += nbytes
+        totals["forward_seconds"] += forward
+        totals["wait_seconds"] += wait
+        totals["step_seconds"] += step
+        totals["store_seconds"] += store_s
+        if writer is not None:
+            write_record(writer, {"iteration": it, "step_seconds": step, "forward_seconds": forward,
+                                  "wait_seconds": wait, "images": job.global_batch,
+                                  "target_bytes_sent": nbytes, "store_seconds": store_s})
+        if report is not None:
+            cmd = report({"iteration": it, "step_seconds": step, "wait_seconds": wait,
+                          "images": stop - start, "teacher_forwards": 1 if group_rank == 0 else 0,
+                          "target_bytes_sent": nbytes})
+            if cmd == "stop":
+                raise DinodistError(f"teacher rank {rank}: stopped by the orchestrator at iteration {it}")
+            if cmd == "preempt":
+                preempt.request("the supervisor asked")
+        if last:
+            break
+    if pending is not None:
+        _append_record(store, job, *pending, num_samples)
+    sends.wait(0, job.iterations)
+    totals["detached"] = dict(sends.detached)
+    if last:
+        if store is not None:
+            store.flush()
+        raise preempt.Preempted(f"teacher rank {rank}: preempted after iteration {it}", it + 1)
+
+
 def _append_record(store: StoreWriter, job: TeacherJob, targets, pending: list, num_samples: int) -> None:
     """Teacher rank 0: complete the other teacher ranks' blocks, join them, queue one store record."""
     it = targets.iteration
     full = concat([targets] + [wait_block(p) for p in pending])
     ids, seeds = global_batch(it, job.global_batch, num_samples, job.seed)
     meta = {"iteration": it, "rows": full.rows, "global_crop_size": job.crops.global_size,
-            "local_crop_size": job.crops.local_size, "n_local": job.crops.n_local}
+            "local_crop_size": job.crops.local_size, "n_local": job.crops.n_local,
+            "last": targets.last}  # a follower stops where the live groups do (preemption)
     store.append(it, {**full.tensors, "sample_ids": ids, "sample_seeds": seeds}, meta)

@@ -10,7 +10,14 @@ import torch
 import torch.distributed as dist
 from gloo import run_gloo
 
-from dinodist.core.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from dinodist.core.checkpoint import (
+    latest_checkpoint,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    valid_iterations,
+)
 from dinodist.core.errors import DinodistError
 
 WORLD = 3
@@ -158,19 +165,39 @@ def test_broken_or_partial_checkpoint_is_one_clear_line(saved, tmp_path):
     shards = copy("no-shard")
     for f in shards.glob("*.distcp"):
         f.unlink()
-    _one_line_error(shards, model, opt, "cannot load checkpoint")
+    _one_line_error(shards, model, opt, r"__0_0\.distcp is missing")
+
+    torn_shard = copy("torn-shard")
+    shard = next(torn_shard.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-7])
+    _one_line_error(torn_shard, model, opt, "distcp has .* bytes, COMPLETE.json says")
 
     torn = copy("torn-metadata")
     (torn / ".metadata").write_bytes((torn / ".metadata").read_bytes()[:20])
-    _one_line_error(torn, model, opt, "cannot load checkpoint")
+    _one_line_error(torn, model, opt, r"\.metadata has 20 bytes")
+
+    # same size, other bytes: DCP would unpickle it, so the checksum must refuse it first
+    swapped = copy("swapped-metadata")
+    raw = bytearray((swapped / ".metadata").read_bytes())
+    raw[-3] ^= 0xFF
+    (swapped / ".metadata").write_bytes(bytes(raw))
+    _one_line_error(swapped, model, opt, r"\.metadata does not match the checksum")
 
     bad_meta = copy("bad-meta")
     (bad_meta / "meta.json").write_text('{"iteration": 1,')
-    _one_line_error(bad_meta, model, opt, "unreadable meta.json")
+    _one_line_error(bad_meta, model, opt, "meta.json has .* bytes")
 
-    no_meta = copy("no-meta")
-    (no_meta / "meta.json").unlink()
-    _one_line_error(no_meta, model, opt, "not a dinodist checkpoint")
+    no_marker = copy("no-marker")
+    (no_marker / "COMPLETE.json").unlink()
+    _one_line_error(no_marker, model, opt, "not a complete dinodist checkpoint")
+
+    # a marker that agrees with what was written, and meta.json that is not JSON: still one line
+    from dinodist.core.checkpoint import _seal
+
+    empty_meta = copy("empty-meta")
+    (empty_meta / "meta.json").write_text("")
+    _seal(empty_meta)
+    _one_line_error(empty_meta, model, opt, "unreadable meta.json")
 
     other = torch.nn.Linear(4, 5)
     _one_line_error(path, other, torch.optim.AdamW(other.parameters()), "cannot load checkpoint")
@@ -178,3 +205,24 @@ def test_broken_or_partial_checkpoint_is_one_clear_line(saved, tmp_path):
     # an interrupted save leaves only its .tmp- folder, which is never taken for a checkpoint
     (tmp_path / "ckpt" / ".tmp-2").mkdir()
     assert latest_checkpoint(tmp_path / "ckpt") == path
+
+
+def test_resume_falls_back_past_a_broken_newest_checkpoint(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    root = tmp_path / "ckpt"
+    for it in (1, 2, 3):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        save_checkpoint(root, it, model, opt, keep=2)
+    assert [i for i, _ in list_checkpoints(root)] == [2, 3]  # pruned to keep=2
+    assert latest_valid_checkpoint(root) == root / "3"
+    shard = next((root / "3").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # killed mid-write
+    with caplog.at_level("WARNING"):
+        assert latest_valid_checkpoint(root) == root / "2"
+    assert str(root / "3") in caplog.text
+    assert valid_iterations(root) == [2]
+    assert latest_valid_checkpoint(root, at_most=1) is None
+    assert load_checkpoint(latest_valid_checkpoint(root), model, opt)["iteration"] == 2

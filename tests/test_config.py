@@ -94,16 +94,17 @@ def test_control_is_one_schema_with_checked_fields():
     with pytest.raises(DinodistError,
                        match="^control: heartbeat_interval_s 10 must be below heartbeat_timeout_s 5$"):
         parse_topology(raw)
-    raw["control"] = {"on_failure": "restart_group", "grace_s": 1, "register_timeout_s": None}
+    assert (c.on_failure, c.max_restarts, c.progress_timeout_s) == ("restart_group", 3, 600.0)
+    raw["control"] = {"on_failure": "stop", "grace_s": 1, "register_timeout_s": None}
     topo = parse_topology(raw)
     assert topo.control.grace_s == 1 and topo.control.register_timeout_s is None
-    with pytest.raises(DinodistError, match="^control.on_failure: 'restart_group' is not supported yet"):
-        check_runnable(topo)
+    check_runnable(topo)  # both policies run
+    raw["control"] = {"on_failure": "restart"}
+    with pytest.raises(DinodistError, match=r"^control.on_failure: Input should be 'stop' or 'restart_gr"):
+        parse_topology(raw)
 
 
 @pytest.mark.parametrize("edit, field", [
-    (lambda r: r["students"][1].update(activation_checkpointing=True),
-     "students[1].activation_checkpointing"),
     (lambda r: r["students"][0].update(shard="ddp"), "students[0].shard"),
 ])
 def test_settings_the_runtime_does_not_apply_are_refused_before_launch(tmp_path, capsys, edit, field):

@@ -295,15 +295,16 @@ def test_client_never_blocks_without_a_server():
 
 
 def test_failure_policy_and_config(monkeypatch):
-    with pytest.raises(DinodistError, match="control.on_failure: 'restart_group' is not supported"):
-        ControlServer(on_failure="restart_group")
+    with pytest.raises(DinodistError, match="on_failure: 'restart' is not one of 'stop', 'restart_gr"):
+        ControlServer(on_failure="restart")
     monkeypatch.delenv("DINODIST_TEST_SECRET", raising=False)
     cfg = Control(bind="0.0.0.0", port=0, secret_env="DINODIST_TEST_SECRET", heartbeat_timeout_s=3.0)
     with pytest.raises(DinodistError, match="control.secret_env: environment variable DINODIST_TEST_SECRET"):
         server_from_config(cfg, {0: "g"})
     monkeypatch.setenv("DINODIST_TEST_SECRET", "s" * 32)
     with server_from_config(cfg, {0: "g"}) as srv:
-        assert srv.secret == b"s" * 32 and srv.heartbeat_timeout_s == 3.0 and srv.on_failure == "stop"
+        assert srv.secret == b"s" * 32 and srv.heartbeat_timeout_s == 3.0
+        assert srv.on_failure == "restart_group"
     monkeypatch.setenv("DINODIST_CONTROL", "tcp://127.0.0.1:1")
     monkeypatch.setenv("RANK", "5")
     c = ControlClient.from_env("vits", "student", secret_env="DINODIST_TEST_SECRET")
@@ -370,3 +371,69 @@ def test_crashed_process_is_detected_without_the_launcher():
         finally:
             proc.wait(timeout=10)
         assert srv.failure == f"rank 1 (group vitb): process {proc.pid} on {srv.ranks()[1].hostname} is gone"
+
+
+def test_restart_group_policy_queues_the_group_and_lets_new_processes_take_its_places():
+    expected = {0: "teacher", 1: "vits", 2: "vits", 3: "vitb"}
+    with ControlServer(expected=expected, on_failure="restart_group", restartable=["vits", "vitb"],
+                       progress_timeout_s=0.5) as srv:
+        srv.mark_exited(2, -9)
+        srv.mark_exited(1, 2)  # its peer then fails too: the same group failure, not a second one
+        assert srv.failure is None and list(srv.group_failures) == [
+            ("vits", "rank 2 (group vits) was killed by signal 9")]
+        assert srv.restarting() == {"vits"}
+        # until reset, the group's old identities are refused; after it, new processes register
+        late = ControlClient(srv.address, 2, "vits", heartbeat_interval_s=0)
+        late.register()
+        pump(srv, lambda: srv.rejected["late"] >= 1)
+        srv.reset_group("vits")
+        assert srv.restarting() == set() and srv.ranks()[2].status == "expected"
+        fresh = ControlClient(srv.address, 2, "vits", heartbeat_interval_s=0)
+        fresh.register()
+        pump(srv, lambda: srv.ranks()[2].status == "running")
+        # alive but stuck: heartbeats without progress are a failure once progress_timeout_s passes
+        for it in (0, 1):
+            fresh.heartbeat({"iteration": it}, force=True)
+        pump(srv, lambda: srv.ranks()[2].iteration == 1)
+        stuck_at = time.monotonic()
+        while srv.ranks()[2].status == "running":
+            fresh.heartbeat({"iteration": 1}, force=True)
+            srv.poll(0.05)
+            assert time.monotonic() - stuck_at < 5
+        assert srv.ranks()[2].reason == "rank 2 (group vits) made no progress for 0.5 s (at iteration 1)"
+        assert list(srv.group_failures)[-1][0] == "vits" and srv.failure is None
+        # the teacher is not restartable: its failure stops the job
+        srv.mark_exited(0, 1)
+        assert srv.failure == "rank 0 (group teacher) exited with code 1"
+        for c in (late, fresh):
+            c.close()
+
+
+class _Proc:
+    def __init__(self, code: int | None = None) -> None:
+        self.code = code
+
+    def poll(self) -> int | None:
+        return self.code
+
+    def kill(self) -> None:
+        self.code = -9
+
+
+def test_supervise_restarts_a_group_at_most_max_restarts_times():
+    expected = {0: "teacher", 1: "vits"}
+    with ControlServer(expected=expected, on_failure="restart_group", restartable=["vits"]) as srv:
+        procs = {0: _Proc(0), 1: _Proc(3)}  # the teacher finished; the student keeps failing
+        started = []
+
+        def restart(group: str) -> dict:
+            started.append(group)
+            return {1: _Proc(3)}
+
+        restarts: dict[str, int] = {}
+        out = supervise(srv, procs, grace_s=0, poll_s=0.01, restart=restart, max_restarts=2,
+                        restarts=restarts)
+        assert started == ["vits", "vits"] and restarts == {"vits": 2}
+        assert out.exit_code == 1
+        assert out.message == ("rank 1 (group vits) exited with code 3 (group vits restarted 2 times, "
+                               "control.max_restarts is 2)")

@@ -43,7 +43,7 @@ def test_torchrun_scripts_cover_every_rank(tmp_path):
         total += int(nproc)
         assert f"--nnodes={spec.plan.nodes}" in text and "--rdzv-backend=c10d" in text
         assert "--max-restarts=3" in text and "-m dinodist.orchestrator.runtime.rank" in text
-        assert f"--plan {spec.plan_path}" in text
+        assert f"--plan {spec.plan_path} --resume" in text  # a torchrun restart resumes
     assert total == spec.plan.used_devices
 
 
@@ -127,24 +127,9 @@ def test_k8s_refuses_partial_nodes():
         k8s_manifests(spec)
 
 
-def paper_without_checkpointing(tmp_path: Path) -> Path:
-    """The paper topology with activation checkpointing off: what this version's runtime can run."""
-    raw = yaml.safe_load(PAPER.read_text())
-    for s in raw["students"]:
-        s["activation_checkpointing"] = False
-    path = tmp_path / "paper-no-ac.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
 def test_deploy_cli_writes_files(tmp_path, capsys):
-    # planned with activation checkpointing, which the runtime does not apply yet: refused, one line
-    assert main(["deploy", "k8s", str(PAPER), "--out", str(tmp_path / "refused")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["dinodist deploy: error: students[0].activation_checkpointing: not applied by the runtime "
-                   "yet (the plan's memory assumes it); set it to false to run"]
-    assert not (tmp_path / "refused").exists()
-    paper = paper_without_checkpointing(tmp_path)
+    # the paper topology as shipped (students with activation checkpointing) deploys as is
+    paper = PAPER
     assert main(["deploy", "k8s", str(paper), "--out", str(tmp_path / "k"), "--k8s-kind", "pytorchjob",
                  "--image", "reg/dinodist:1"]) == 0
     plan_path, path = capsys.readouterr().out.split()
@@ -154,10 +139,63 @@ def test_deploy_cli_writes_files(tmp_path, capsys):
     # the ranks read the plan deploy made, from the ConfigMap
     assert json.loads(docs[0]["data"]["plan.json"]) == json.loads(Path(plan_path).read_text())
     command = docs[2]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
-    assert command[-3:] == ["/etc/dinodist/topology.yaml", "--plan", "/etc/dinodist/plan.json"]
+    # every pod restart resumes from the newest common checkpoint instead of starting over
+    assert command[-4:] == ["/etc/dinodist/topology.yaml", "--plan", "/etc/dinodist/plan.json", "--resume"]
+    assert docs[2]["spec"]["runPolicy"]["backoffLimit"] == 3
+    pod = docs[2]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 300  # time for one iteration and a checkpoint
     assert main(["deploy", "torchrun", str(DEMO), "--out", str(tmp_path / "t")]) == 0
     assert [Path(p).name for p in capsys.readouterr().out.split()] == ["plan.json", "node-0.sh"]
     script = (tmp_path / "t" / "node-0.sh").read_text()
     assert f"--plan {tmp_path / 't' / 'plan.json'}" in script
     assert main(["deploy", "slurm", str(ROOT / "tests" / "topologies_bad" / "unknown_arch.yaml")]) == 2
     assert "dinodist deploy: error: students[1].arch: unknown arch" in capsys.readouterr().err
+
+
+@pytest.mark.multiproc
+def test_sbatch_preemption_notice_reaches_the_ranks_then_requeues(tmp_path):
+    """SLURM's notice (--signal B:USR1) goes to the batch shell: it signals every node's task, which passes
+    USR1 to its ranks (not to torchrun), then requeues the job, whose ranks resume."""
+    import signal
+    import time
+
+    spec = spec_for(DEMO, **{"cluster.devices_per_node": 3, "cluster.nodes": 2, "control.secret_env": "S"})
+    text = sbatch_script(spec)
+    assert re.search(r"^#SBATCH --requeue$", text, re.M)
+    assert re.search(r"^#SBATCH --signal=B:USR1@180$", text, re.M)
+    script = tmp_path / "job.sbatch"
+    script.write_text(text)
+    log = tmp_path / "calls.log"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stubs = {
+        "scontrol": f'#!/bin/bash\nif [ "$1" = requeue ]; then echo "requeue $2" >> {log}; exit 0; fi\n'
+                    "printf '%s\\n' h0 h1\n",
+        # the tasks run at once, as on two nodes
+        "srun": "#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\n"
+                'for i in 0 1; do SLURM_NODEID=$i "$@" & done; wait\n',
+        # scancel --signal=USR1 JOB signals every task of the job's steps: the run_node shells
+        "scancel": f'#!/bin/bash\necho "scancel $*" >> {log}\npkill -USR1 -f "^bash -c run_node$"\n',
+        # a rank: waits for USR1, then "checkpoints" and exits 75
+        "torchrun": "#!/bin/bash\n"
+                    f"bash -c 'trap \"echo rank-usr1 >> {log}; exit 75\" USR1; echo started >> {log}; "
+                    "while true; do sleep 0.05; done' &\nwait\n",
+    }
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="h[0-1]",
+               SLURM_JOB_ID="123", DINODIST_REQUEUE_AFTER_S="0", S="x")
+    proc = subprocess.Popen(["bash", str(script)], env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (not log.exists() or log.read_text().count("started") < 2):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    calls = log.read_text().splitlines()
+    assert calls.count("rank-usr1") == 2, calls  # both nodes' ranks got the notice
+    assert "scancel --signal=USR1 123" in calls and "requeue 123" in calls, calls

@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def write_topology(path: Path, *, teacher_devices: int, shard: str, students: list[str], iterations: int,
-                   batch: int = 4, out: Path | None = None, devices: dict | None = None) -> Path:
+                   batch: int = 4, out: Path | None = None, devices: dict | None = None,
+                   on_failure: str = "restart_group") -> Path:
     """A CPU topology small enough for tests (2-block models, 32 px crops)."""
     small = {"depth": 2}
     devices = devices or {}
@@ -39,7 +40,7 @@ def write_topology(path: Path, *, teacher_devices: int, shard: str, students: li
         "train": {"global_batch_size": batch, "iterations": iterations, "seed": 3, "lr": 1e-3,
                   "checkpoint_every": 2},
         "metrics": {"port": 0},
-        "control": {"bind": "127.0.0.1", "port": 0, "heartbeat_timeout_s": 20},
+        "control": {"bind": "127.0.0.1", "port": 0, "heartbeat_timeout_s": 20, "on_failure": on_failure},
         "output": str(out or path.parent / "out"),
     }
     path.write_text(yaml.safe_dump(topo, sort_keys=False))
@@ -142,7 +143,7 @@ def test_distill_five_ranks_metrics_summary_and_exports(tmp_path):
 @pytest.mark.timeout(120)
 def test_killing_one_rank_stops_the_job_with_a_clear_message(tmp_path):
     topo = write_topology(tmp_path / "t.yaml", teacher_devices=1, shard="replicate",
-                          students=["tiny-vits", "tiny-vitb"], iterations=500)
+                          students=["tiny-vits", "tiny-vitb"], iterations=500, on_failure="stop")
     out = tmp_path / "run"
     proc = subprocess.Popen(distill_cmd(topo, out), cwd=REPO, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

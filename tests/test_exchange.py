@@ -111,7 +111,7 @@ def _exchange_worker(rank: int, teachers: list[int], groups: dict, iterations: i
             assert torch.equal(got.tensors[k], want.tensors[k]), (rank, it, k)
     def wire_bytes(i: int, t) -> int:
         masked = int(_truth(i)[0].slice(t.start, t.stop).tensors["ibot_counts"].sum())
-        return (4 + 2 * (t.stop - t.start)) * 8 + 4 * (2 * (t.stop - t.start) * DB + masked * DI)
+        return (5 + 2 * (t.stop - t.start)) * 8 + 4 * (2 * (t.stop - t.start) * DB + masked * DI)
 
     expected = sum(wire_bytes(i, t) for i in range(iterations) for t in plan.recvs(rank))
     assert source.bytes_received == expected

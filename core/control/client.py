@@ -32,6 +32,9 @@ _ADDITIVE = {
 }
 REREGISTER_S = 5.0
 CONTROL_ENV = "DINODIST_CONTROL"  # the launcher puts the server address here
+# the rank a process reports as, when that is not its rank in its own world: a student group restarted
+# as a world of its own takes the places (global ranks) of the processes it replaces
+CONTROL_RANK_ENV = "DINODIST_CONTROL_RANK"
 STAT_KEYS = frozenset({"iteration", "losses", "gpu_utilization_ratio", "gpu_memory_used_bytes", *_ADDITIVE})
 
 

@@ -29,7 +29,7 @@ MAC_BYTES = 32
 MAX_LOSS_TERMS = 64
 MAX_RECENT_STEPS = 256
 MAX_TEXT = 4096
-COMMANDS = ("checkpoint", "stop")
+COMMANDS = ("checkpoint", "stop", "preempt")
 
 # Structural limits handed to msgpack so a hostile frame cannot make the unpacker allocate more
 # than the frame itself suggests; they sit well above what any valid message uses.
@@ -46,7 +46,7 @@ Session = Annotated[str, Field(pattern=r"^[0-9a-f]{8,64}$")]
 Nonce = Annotated[str, Field(pattern=r"^[0-9a-f]{8,64}$")]
 NonNegFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 NonNegInt = Annotated[int, Field(ge=0)]
-Command = Literal["checkpoint", "stop"]
+Command = Literal["checkpoint", "stop", "preempt"]
 
 
 class _Message(BaseModel):

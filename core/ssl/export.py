@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dinodist.core.checkpoint import latest_checkpoint, load_checkpoint
+from dinodist.core.checkpoint import latest_valid_checkpoint, load_checkpoint
 from dinodist.core.errors import DinodistError
 from dinodist.core.models.io import save_backbone
 from dinodist.core.ssl.config import load_stage_config
@@ -28,9 +28,9 @@ def load_run_model(run_dir: str | Path):
         raise DinodistError(f"{run}: run folder not found")
     if not (run / "config.yaml").is_file():
         raise DinodistError(f"{run}: no config.yaml (not a `dinodist train` output folder)")
-    ck = latest_checkpoint(run / "ckpt")
+    ck = latest_valid_checkpoint(run / "ckpt")
     if ck is None:
-        raise DinodistError(f"{run}: no checkpoint under {run / 'ckpt'}")
+        raise DinodistError(f"{run}: no complete checkpoint under {run / 'ckpt'}")
     cfg = load_stage_config(run / "config.yaml")
     model = build_for_export(cfg)
     load_checkpoint(ck, model, None, restore_rng=False)

@@ -18,7 +18,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dinodist.core.checkpoint import latest_checkpoint, load_checkpoint, load_model_only, save_checkpoint
+from dinodist.core.checkpoint import (
+    MARKER,
+    latest_valid_checkpoint,
+    load_checkpoint,
+    load_model_only,
+    save_checkpoint,
+)
 from dinodist.core.data.augment import CropConfig
 from dinodist.core.data.loader import BatchLoader
 from dinodist.core.data.sources import build_source
@@ -140,9 +146,9 @@ def find_checkpoint(run_dir: str | Path, field: str) -> Path:
     """Latest complete checkpoint of a run dir (or its ckpt/ folder, or one checkpoint dir itself)."""
     p = Path(run_dir)
     root = p / "ckpt" if (p / "ckpt").is_dir() else p
-    ck = latest_checkpoint(root)
+    ck = latest_valid_checkpoint(root)
     if ck is None:
-        if (p / "meta.json").is_file():
+        if (p / MARKER).is_file():
             return p
         raise DinodistError(f"{field}: no checkpoint found under {run_dir}")
     return ck
@@ -233,9 +239,11 @@ def train(
     # Training randomness (RoPE augmentation, drop path) differs per rank.
     torch.manual_seed(cfg.seed * 7919 + 1 + rank)
     if resume:
-        ck = latest_checkpoint(out / "ckpt")
+        # a torn newest checkpoint (killed mid-save on a filesystem without atomic rename, a truncated
+        # shard) is skipped with a warning naming it: resume then costs one more interval, not the run
+        ck = latest_valid_checkpoint(out / "ckpt")
         if ck is None:
-            raise DinodistError(f"--resume: no checkpoint under {out / 'ckpt'}")
+            raise DinodistError(f"--resume: no complete checkpoint under {out / 'ckpt'}")
         meta = load_checkpoint(ck, model, optimizer)
         start, refreshes = int(meta["iteration"]), int(meta.get("gram_refreshes", 0))
     elif cfg.init.checkpoint and cfg.init.mode == "continue":

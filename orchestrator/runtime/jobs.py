@@ -16,10 +16,10 @@ from pathlib import Path
 from dinodist.core.control.client import CONTROL_ENV
 from dinodist.core.control.thread import ControlThread
 from dinodist.core.data.augment import CropConfig
-from dinodist.core.data.sources import build_source
 from dinodist.core.distributed import destroy
 from dinodist.core.targets import HEADS, ExchangePlan, MaskCounter, TargetDims
-from dinodist.orchestrator.planfile import RunPlan
+from dinodist.core.train.preempt import Preempted
+from dinodist.orchestrator.planfile import DATA_INDEX_FILE, RunPlan
 from dinodist.orchestrator.topology import Topology
 from dinodist.students.loss import LossConfig
 from dinodist.students.model import StudentOptim
@@ -36,23 +36,41 @@ def crop_config(topo: Topology) -> CropConfig:
                       flips=d.flips)
 
 
-def store_settings(topo: Topology) -> dict | None:
-    """The topology's `store:` as the teacher's StoreWriter takes it (retain "all" -> None)."""
-    if topo.store is None:
+def store_settings(topo: Topology, out_dir: str | Path) -> dict | None:
+    """The topology's `store:` as the teacher's StoreWriter takes it (retain "all" -> None).
+
+    With `control.on_failure: restart_group` and no `store:`, the teacher still writes one, at
+    `<out>/targets` ("implicit"): a restarted group replays the iterations it missed from it. fp32, so
+    replayed targets equal the ones sent live bit for bit, and only as far back as a group can resume
+    from (its oldest kept checkpoint) plus one interval.
+    """
+    path = topo.target_store_path(out_dir)
+    if path is None:
         return None
-    retain = topo.store.retain
-    return {"path": topo.store.path, "dtype": topo.store.dtype, "retain": None if retain == "all" else retain}
+    if topo.store is not None:
+        retain = topo.store.retain
+        return {"path": path, "dtype": topo.store.dtype, "retain": None if retain == "all" else retain,
+                "implicit": False}
+    every, keep = topo.train.checkpoint_every, topo.train.keep_checkpoints
+    return {"path": path, "dtype": "fp32", "retain": (keep + 1) * every if every else None, "implicit": True}
+
+
+def data_index(out_dir: str | Path) -> str | None:
+    """The driver's index of the data source (`<out>/data-index.json`), if it wrote one."""
+    path = Path(out_dir) / DATA_INDEX_FILE
+    return str(path) if path.is_file() else None
 
 
 def teacher_job(topo: Topology, out_dir: str | Path) -> TeacherJob:
     t, tr, d = topo.teacher, topo.train, topo.data
     return TeacherJob(
-        arch=t.arch, kind=t.targets, source=d.source, crops=crop_config(topo),
+        arch=t.arch, kind=t.targets, source=d.source, data_index=data_index(out_dir), crops=crop_config(topo),
         global_batch=tr.global_batch_size, iterations=tr.iterations, out_dir=Path(out_dir),
         overrides=dict(t.overrides), checkpoint=t.checkpoint, shard=t.shard,
         dino_head=topo.dino_head(), ibot_head=topo.ibot_head(), seed=tr.seed,
         mask_prob=d.mask_probability, mask_ratio=tuple(d.mask_ratio),
-        prefetch_depth=tr.prefetch_depth, store=store_settings(topo), topology=topo.name,
+        prefetch_depth=tr.prefetch_depth, store=store_settings(topo, out_dir), topology=topo.name,
+        detach_failed_groups=topo.control.on_failure == "restart_group",
     )
 
 
@@ -68,12 +86,14 @@ def student_job(topo: Topology, name: str, out_dir: str | Path) -> StudentJob:
                       ibot_weight=tr["ibot_weight"], koleo_weight=tr["koleo_weight"],
                       loss_chunk_rows=tr["loss_chunk_rows"])
     return StudentJob(
-        name=name, arch=s.arch, kind=topo.teacher.targets, source=d.source, crops=crop_config(topo),
+        name=name, arch=s.arch, kind=topo.teacher.targets, source=d.source, data_index=data_index(out_dir),
+        crops=crop_config(topo),
         global_batch=tr["global_batch_size"], iterations=tr["iterations"], out_dir=Path(out_dir),
         overrides=dict(s.overrides), dino_head=dino, ibot_head=ibot,
         teacher_dim=topo.teacher_spec().embed_dim, seed=tr["seed"],
         mask_prob=d.mask_probability, mask_ratio=tuple(d.mask_ratio), optim=optim, loss=loss,
-        checkpoint_every=tr["checkpoint_every"],
+        checkpoint_every=tr["checkpoint_every"], keep_checkpoints=tr["keep_checkpoints"],
+        activation_checkpointing=s.activation_checkpointing,
     )
 
 
@@ -92,11 +112,11 @@ def last_layer_shapes(topo: Topology) -> dict[str, tuple[int, int]]:
             "ibot_last_layer.weight": (i.n_prototypes, i.bottleneck_dim)}
 
 
-def mask_counter(topo: Topology) -> MaskCounter:
+def mask_counter(topo: Topology, num_samples: int) -> MaskCounter:
     """iBOT counts of any rows of any iteration, as the teacher's and every student's loader mask them."""
     d, tr = topo.data, topo.train
     grid = d.global_crop_size // topo.teacher_spec().patch_size
-    return MaskCounter(tr.global_batch_size, len(build_source(d.source)), tr.seed, (grid, grid),
+    return MaskCounter(tr.global_batch_size, num_samples, tr.seed, (grid, grid),
                        d.mask_probability, tuple(d.mask_ratio))
 
 
@@ -119,9 +139,17 @@ def start_control(topo: Topology, rank: int, group: str, role: str, world: dict)
 @contextlib.contextmanager
 def reporting_to(control: ControlThread | None, rank: int, group: str) -> Iterator[None]:
     """The end of a rank's work: tell the supervisor `done`, or the error that ended it (naming the
-    rank and group, so the job's failure line does), and leave the world on success."""
+    rank and group, so the job's failure line does), and leave the world on success.
+
+    A preempted rank has checkpointed and is done with this run: `done` too, and its exit code
+    (core.train.preempt.PREEMPTED_EXIT) tells the supervisor the rest. It does not leave the world
+    politely: receives posted for iterations the teacher will never send are still pending."""
     try:
         yield
+    except Preempted:
+        if control is not None:
+            control.close("done")
+        raise
     except BaseException as exc:
         if control is not None:
             control.close("error", f"rank {rank} ({group}): {exc}")

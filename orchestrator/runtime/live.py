@@ -10,12 +10,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch.distributed as dist
+
+from dinodist.core.data.agree import agree_fingerprint
+from dinodist.core.data.sources import build_source
 from dinodist.core.distributed import group_mesh, init_from_env, make_subgroups
 from dinodist.core.errors import DinodistError
 from dinodist.core.targets import HEADS, P2PTargetSource, recv_last_layers
+from dinodist.core.train.preempt import Preempted
 from dinodist.orchestrator.planfile import RunPlan
 from dinodist.orchestrator.runtime.jobs import (
     INIT_TIMEOUT_S,
+    data_index,
     exchange_plan,
     last_layer_shapes,
     mask_counter,
@@ -26,6 +32,7 @@ from dinodist.orchestrator.runtime.jobs import (
     teacher_job,
     write_rank_record,
 )
+from dinodist.orchestrator.runtime.resume import agree_resume_point, drop_checkpoints_after
 from dinodist.orchestrator.topology import Topology
 from dinodist.students.run import GroupContext, train_student
 from dinodist.teacher.run import run_teacher
@@ -33,14 +40,32 @@ from dinodist.teacher.run import run_teacher
 log = logging.getLogger("dinodist.rank")
 
 
-def run_live_rank(topo: Topology, plan: RunPlan, out_dir: Path) -> int:
+def run_live_rank(topo: Topology, plan: RunPlan, out_dir: Path, resume: bool = False) -> int:
+    """`resume`: continue from the newest checkpoint every group holds (from scratch when there is none);
+    without it a new run starts and an earlier run's checkpoints in `out_dir` are removed. Raises
+    Preempted (after checkpointing) when the run was asked to stop early."""
     info = init_from_env(topo.resolved_backend(), timeout_s=INIT_TIMEOUT_S)
     if info.world_size != plan.used_devices:
         raise DinodistError(f"WORLD_SIZE is {info.world_size} but the plan of {topo.name} has "
                             f"{plan.used_devices} ranks")
     pgs = make_subgroups([g.ranks for g in plan.groups])
+    teacher_ranks = list(plan.teacher.ranks)
+    # a CPU side channel for the teacher ranks' per-iteration stop vote (teacher/run.py); new_group is
+    # collective over the world, so every rank creates it
+    flag_group = dist.new_group(teacher_ranks, backend="gloo") if len(teacher_ranks) > 1 else None
     idx = next(i for i, g in enumerate(plan.groups) if info.rank in g.ranks)
     gp, pg = plan.groups[idx], pgs[idx]
+    # every rank pairs rows with images by sample id: all must see the same data, or the teacher's
+    # targets would silently belong to other pixels on some student rank
+    data = build_source(topo.data.source, index=data_index(out_dir))
+    agree_fingerprint(data.fingerprint())
+    ckpt_dir = Path(out_dir) / gp.name / "ckpt" if gp.role == "student" else None
+    resume_at = agree_resume_point(ckpt_dir, topo.train.iterations, info.device) if resume else 0
+    if ckpt_dir is not None and info.rank == gp.ranks[0]:
+        drop_checkpoints_after(ckpt_dir, resume_at)
+    if resume:
+        log.info("rank %d (%s): %s", info.rank, gp.name,
+                 f"resuming at iteration {resume_at}" if resume_at else "no common checkpoint: from scratch")
     mesh = group_mesh(pg, gp.ranks, info.device.type)
     exchange = exchange_plan(plan)
     group_rank = gp.ranks.index(info.rank)
@@ -51,20 +76,23 @@ def run_live_rank(topo: Topology, plan: RunPlan, out_dir: Path) -> int:
     with reporting_to(control, info.rank, gp.name):
         if gp.role == "teacher":
             totals = run_teacher(teacher_job(topo, out_dir), exchange, info.rank, pg, mesh, info.device,
-                                 report)
+                                 report, resume_at=resume_at if resume else None, flag_group=flag_group)
         else:
             job = student_job(topo, gp.name, out_dir)
             start, stop = exchange.student_rows(info.rank)
             last = None
             if job.kind == HEADS:
                 last = recv_last_layers(last_layer_shapes(topo), exchange.teacher_ranks[0], info.device)
-            counts = mask_counter(topo)
-            source = P2PTargetSource(exchange, info.rank, target_dims(topo), range(job.iterations),
+            counts = mask_counter(topo, len(data))
+            source = P2PTargetSource(exchange, info.rank, target_dims(topo), range(resume_at, job.iterations),
                                      lambda it: counts(it, start, stop), info.device,
                                      depth=topo.train.prefetch_depth)
             ctx = GroupContext(pg, mesh, group_rank, len(gp.ranks), start, stop, info.device)
-            totals = train_student(job, source, last, ctx, report)
+            totals = train_student(job, source, last, ctx, report, resume_at=resume_at)
         log.info("rank %d (%s) done: %s", info.rank, gp.name, totals)
         write_rank_record(out_dir, info.rank,
                           {"rank": info.rank, "group": gp.name, "role": gp.role, **totals})
+        if "preempted_at" in totals:
+            raise Preempted(f"rank {info.rank} ({gp.name}): preempted; every group checkpointed at iteration "
+                            f"{totals['preempted_at']}", totals["preempted_at"])
     return 0

@@ -20,6 +20,7 @@ import traceback
 from pathlib import Path
 
 from dinodist.core.errors import DinodistError
+from dinodist.core.train import preempt
 from dinodist.orchestrator.planfile import PLAN_FILE, check_plan_matches, read_plan
 from dinodist.orchestrator.runtime.live import run_live_rank
 from dinodist.orchestrator.runtime.replay import check_store_path, run_replay_rank
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan", help=f"the driver's plan (default: {PLAN_FILE} beside TOPOLOGY)")
     parser.add_argument("--out", help="output folder (default: the topology's output)")
     parser.add_argument("--iterations", type=int, help="override train.iterations")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint every group holds (from scratch when "
+                        "there is none); launchers always pass it, so their restarts resume")
     parser.add_argument("--replay", metavar="STORE", help="train --student from this target store "
                         "(a world of that group's ranks only)")
     parser.add_argument("--student", help="with --replay: the student group to train")
@@ -63,9 +67,11 @@ def run(args: argparse.Namespace) -> int:
     plan = read_plan(plan_path)
     check_plan_matches(plan, topo, str(plan_path))
     out = Path(args.out) if args.out else Path(topo.output)
+    preempt.install_handlers()
     if args.replay:
-        return run_replay_rank(topo, plan, out, args.replay, args.student, args.follow, args.follow_timeout)
-    return run_live_rank(topo, plan, out)
+        return run_replay_rank(topo, plan, out, args.replay, args.student, args.follow, args.follow_timeout,
+                               resume=args.resume)
+    return run_live_rank(topo, plan, out, resume=args.resume)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                         + " %(levelname)s %(message)s")
     try:
         return run(args)
+    except preempt.Preempted as exc:
+        print(f"dinodist rank {os.environ.get('RANK', '?')}: {exc}", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        # not a normal exit: gloo's pending receives (never to be matched) would block interpreter teardown
+        os._exit(preempt.PREEMPTED_EXIT)
     except DinodistError as exc:
         print(f"dinodist rank {os.environ.get('RANK', '?')}: error: {exc}", file=sys.stderr)
         return 2

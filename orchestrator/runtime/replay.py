@@ -11,23 +11,28 @@ replay, hold every iteration the run needs.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
+from dinodist.core.control.client import CONTROL_RANK_ENV
 from dinodist.core.data.sampler import global_batch
 from dinodist.core.data.sources import build_source
 from dinodist.core.distributed import group_mesh, init_from_env, make_subgroups
 from dinodist.core.errors import DinodistError
 from dinodist.core.target_store import StoreReader, check_compatible
 from dinodist.core.targets import HEADS, ExchangePlan, StoreStopped, StoreTargetSource
+from dinodist.core.train.preempt import Preempted
 from dinodist.orchestrator.planfile import RunPlan
 from dinodist.orchestrator.runtime.jobs import (
     INIT_TIMEOUT_S,
+    data_index,
     reporting_to,
     start_control,
     student_job,
     teacher_job,
     write_rank_record,
 )
+from dinodist.orchestrator.runtime.resume import agree_resume_point, drop_checkpoints_after
 from dinodist.orchestrator.topology import Topology
 from dinodist.students.run import GroupContext, train_student
 from dinodist.teacher.run import NOT_COMPARED, store_identity, store_manifest
@@ -80,8 +85,13 @@ def check_store_path(topo: Topology, store: str | Path, follow: bool, follow_tim
 
 
 def run_replay_rank(topo: Topology, plan: RunPlan, out_dir: Path, store: str, name: str | None,
-                    follow: bool, follow_timeout: float) -> int:
-    """One rank of the new group (`rank.py ... --replay STORE --student NAME`)."""
+                    follow: bool, follow_timeout: float, resume: bool = False) -> int:
+    """One rank of a group trained from a store (`rank.py ... --replay STORE --student NAME`): a group
+    added later (`add-student`), or a group of a live run that failed and was restarted (`--resume`:
+    from its newest checkpoint; it then follows the store the live teacher keeps writing).
+
+    The world is the group's ranks only; to the supervisor each rank is the global rank the plan gives
+    it, so a restarted rank takes the place of the one that died."""
     if not name:
         raise DinodistError("--replay needs --student NAME")
     topo.student(name)  # a clear error for a name the topology lacks
@@ -91,6 +101,10 @@ def run_replay_rank(topo: Topology, plan: RunPlan, out_dir: Path, store: str, na
         raise DinodistError(f"WORLD_SIZE is {info.world_size} but student {name!r} has {n} devices")
     ranks = list(range(n))
     (pg,) = make_subgroups([ranks])
+    ckpt_dir = Path(out_dir) / name / "ckpt"
+    resume_at = agree_resume_point(ckpt_dir, topo.train.iterations, info.device) if resume else 0
+    if info.rank == 0:
+        drop_checkpoints_after(ckpt_dir, resume_at)
     mesh = group_mesh(pg, ranks, info.device.type)
     g = topo.train.global_batch_size
     # rows as in a live run: the students' split does not depend on the teacher (rank n is a stand-in)
@@ -99,7 +113,7 @@ def run_replay_rank(topo: Topology, plan: RunPlan, out_dir: Path, store: str, na
     job = student_job(topo, name, out_dir)
     reader = StoreReader(store, follow=follow, poll_s=0.1, timeout_s=follow_timeout if follow else None)
     last = reader.last_layers() if job.kind == HEADS else None
-    num_samples = len(build_source(topo.data.source))
+    num_samples = len(build_source(topo.data.source, index=data_index(out_dir)))
     seed = topo.train.seed
 
     def sampler(it: int):
@@ -108,23 +122,27 @@ def run_replay_rank(topo: Topology, plan: RunPlan, out_dir: Path, store: str, na
     source = StoreTargetSource(reader, start, stop, job.kind, follow=follow,
                                timeout_s=follow_timeout if follow else None, sampler=sampler)
     newest_at_start = source.newest()
-    control = start_control(topo, info.rank, name, "student",
+    global_rank = int(os.environ.get(CONTROL_RANK_ENV, info.rank))
+    control = start_control(topo, global_rank, name, "student",
                             {"world_size": n, "group_rank": info.rank, "group_size": n})
     report = control.report if control is not None else None
     ctx = GroupContext(pg, mesh, info.rank, n, start, stop, info.device)
-    record = {"rank": info.rank, "group": name, "role": "student", "replay": str(store), "follow": follow,
-              "teacher_forwards": 0, "store_newest_at_start": newest_at_start}
-    with reporting_to(control, info.rank, name):
+    record = {"rank": global_rank, "group": name, "role": "student", "replay": str(store), "follow": follow,
+              "teacher_forwards": 0, "store_newest_at_start": newest_at_start, "resumed_at": resume_at}
+    with reporting_to(control, global_rank, name):
         try:
-            totals = train_student(job, source, last, ctx, report)
+            totals = train_student(job, source, last, ctx, report, resume_at=resume_at)
         except StoreStopped as exc:
             raise DinodistError(f"stopped after iteration {exc.last_iteration}, the last complete record: "
                                 f"{exc}") from None
         finally:
             # also when it stops early: how far it read is what the summary reports
             record.update(caught_up_at=source.caught_up_at, store_bytes_read=source.bytes_read)
-            write_rank_record(out_dir, info.rank, record)
+            write_rank_record(out_dir, global_rank, record)
         record.update(totals)
-        write_rank_record(out_dir, info.rank, record)
-        log.info("replay rank %d (%s) done: %s", info.rank, name, totals)
+        write_rank_record(out_dir, global_rank, record)
+        log.info("replay rank %d (%s) done: %s", global_rank, name, totals)
+        if "preempted_at" in totals:
+            raise Preempted(f"rank {global_rank} ({name}): preempted; checkpointed at iteration "
+                            f"{totals['preempted_at']}", totals["preempted_at"])
     return 0
