@@ -22,6 +22,7 @@ student receives only its rows, whatever T and S are.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +36,8 @@ from dinodist.core.data.masking import sample_masks
 from dinodist.core.data.sampler import global_batch
 from dinodist.core.errors import DinodistError
 from dinodist.core.rows import rank_rows
+
+log = logging.getLogger(__name__)
 
 HEADS = "heads"
 FEATURES = "features"
@@ -383,6 +386,32 @@ class P2PTargetSource:
         out = concat(parts)
         out.last = last
         return out
+
+
+class FailoverTargetSource:
+    """Live targets until the teacher goes away, then the target store it was writing.
+
+    With `control.on_failure: restart_group`, a teacher rank that dies (gloo: the connection to it
+    errors at once) is restarted by the supervisor as a writer of the store alone; the student ranks
+    meanwhile switch, at the iteration they were waiting for, to following that store. They wait
+    there for the restarted teacher, then go on: no student state is lost.
+    """
+
+    def __init__(self, live: TargetSource, fallback: Callable[[int], TargetSource]) -> None:
+        self.live, self.fallback = live, fallback
+        self.store: TargetSource | None = None
+        self.failed_over_at: int | None = None
+
+    def get(self, iteration: int) -> Targets:
+        if self.store is None:
+            try:
+                return self.live.get(iteration)
+            except RuntimeError as exc:  # torch.distributed's errors for a peer that is gone
+                first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+                log.warning("targets of iteration %d: the teacher cannot be reached (%s); following the "
+                            "target store from here", iteration, first)
+                self.store, self.failed_over_at = self.fallback(iteration), iteration
+        return self.store.get(iteration)
 
 
 class InlineTargetSource:

@@ -9,11 +9,12 @@ Failure policy (`control.on_failure`): `stop` — the first rank that dies (miss
 process gone, non-zero exit, no iteration progress for `progress_timeout_s`) or reports an error
 makes the server send `stop` to every rank; the launcher kills whatever is still running after a
 grace period (`stragglers`), and the job exits non-zero with a message naming the rank and its
-group. `restart_group` — a failure in a group of `restartable` (the student groups) only queues that
-group in `group_failures`; `supervise` kills the group's other ranks, starts them again through its
-`restart` callback (at most `max_restarts` times per group), and `reset_group` lets the new
-processes register in the old ranks' places. Every other group keeps running. A failure anywhere
-else (the teacher), or one restart too many, is handled as under `stop`.
+group. `restart_group` — a failure in a group of `restartable` (`distill`: every group, the teacher
+included, when the job writes a target store) only queues that group in `group_failures`;
+`supervise` kills the group's other ranks, starts them again through its `restart` callback (at most
+`max_restarts` times per group), and `reset_group` lets the new processes register in the old ranks'
+places. Every other group keeps running. A failure in a group that is not restartable, or one
+restart too many, is handled as under `stop`.
 The settings (`bind`, `port`, `secret_env`, heartbeat and register timeouts, `on_failure`,
 `grace_s`) and their defaults are the topology's `control:` section (orchestrator/topology.py).
 """

@@ -75,7 +75,10 @@ def summarize(out_dir: Path, plan: Plan) -> dict:
         # that wrote its checkpoint, the rest by this one
         "teacher_forwards": teacher.get("start_iteration", 0) + teacher.get("teacher_forwards", 0),
         "teacher_forwards_this_run": teacher.get("teacher_forwards", 0),
-        "resumed_at": teacher.get("start_iteration", 0),
+        # where the last teacher process started: a resume point, or where a restarted teacher picked up
+        # the target store (the iterations the failed one had computed but not stored are recomputed)
+        ("teacher_restarted_at" if teacher.get("restarted") else "resumed_at"):
+            teacher.get("start_iteration", 0),
         "target_bytes_sent": teacher.get("target_bytes_sent_all_ranks", 0),
         "groups": groups,
     }
@@ -128,6 +131,9 @@ def run_distill(topology: str | Path, out: str | None = None, iterations: int | 
     store = topo.target_store_path(out_dir)
 
     def restart_args(group: str) -> list[str]:
+        if group == "teacher":
+            # the teacher ranks' own world, continuing the store the students follow meanwhile
+            return [str(resolved), "--out", str(out_dir), "--restarted-teacher"]
         # the group's own world, following the store the live teacher keeps writing, from its checkpoint
         return [str(resolved), "--out", str(out_dir), "--replay", str(store), "--student", group, "--follow",
                 "--follow-timeout", f"{topo.control.progress_timeout_s or RESTART_FOLLOW_TIMEOUT_S:g}",
@@ -173,10 +179,11 @@ def launch_and_supervise(topo: Topology, expected: dict[int, str], rank_args: li
     grace_s = topo.control.grace_s
     port = topo.metrics.port if metrics_port is None else metrics_port
     exporter = MetricsExporter(port=port)
-    students = [name for name in dict.fromkeys(expected.values()) if name != "teacher"]
+    names = list(dict.fromkeys(expected.values()))
+    students = [name for name in names if name != "teacher"]
     server = server_from_config(topo.control, expected, on_message=exporter.observe_message,
                                 on_event=exporter.observe_event,
-                                restartable=students if restart_args is not None else ())
+                                restartable=names if restart_args is not None else ())
     restarts = restarts if restarts is not None else {}
     for name in students:
         exporter.set_attached(name, True)
@@ -199,8 +206,10 @@ def launch_and_supervise(topo: Topology, expected: dict[int, str], rank_args: li
     def restart(group: str) -> dict:
         ranks = sorted(r for r, g in expected.items() if g == group)
         n = restarts.get(group, 0)  # supervise counted this restart already
-        echo(f"{group}: restarting its {len(ranks)} rank(s) from the group's checkpoint (restart {n} of "
-             f"at most {topo.control.max_restarts}); the other groups go on")
+        what = ("continuing the target store, which the students follow meanwhile" if group == "teacher"
+                else "from the group's checkpoint; the other groups go on")
+        echo(f"{group}: restarting its {len(ranks)} rank(s), {what} (restart {n} of at most "
+             f"{topo.control.max_restarts})")
         new = launch_ranks(len(ranks), restart_args(group), out_dir / "logs", control_addr=server.address,
                            names=ranks, log_suffix=f".restart{n}")
         launchers.append(new)

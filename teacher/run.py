@@ -120,12 +120,17 @@ def store_manifest(job: TeacherJob, teacher_hash: str, data_fingerprint: str, pa
 NOT_COMPARED = ("topology", "iterations")
 
 
-def _open_store(job: TeacherJob, identity: str, fingerprint: str, patch_size: int, start: int | None):
+def _open_store(job: TeacherJob, identity: str, fingerprint: str, patch_size: int, start: int | None,
+                append: bool = False):
     """A new store (`start` None), or the store of the run being resumed, cut back to the records before
-    `start`: those after it are recomputed, so they are never kept twice nor mixed with new ones."""
+    `start`: those after it are recomputed, so they are never kept twice nor mixed with new ones.
+    `append`: the store of this very run, continued after its last complete record (a restarted teacher)."""
     teacher_hash = identity if identity.startswith("random-init:") else f"sha256:{identity}"
     manifest = store_manifest(job, teacher_hash, fingerprint, patch_size)
     s = job.store
+    if append:
+        return StoreWriter(s["path"], manifest, dtype=s.get("dtype", "bf16"), retain=s.get("retain"),
+                           resume=True)
     if start is None and s.get("implicit") and Path(s["path"]).exists():
         # the restart store of an earlier run in this output folder: this run writes its own
         shutil.rmtree(s["path"])
@@ -205,14 +210,20 @@ Report = Callable[[dict], "str | None"]
 
 
 def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh, device: torch.device,
-                report: Report | None = None, resume_at: int | None = None, flag_group=None) -> dict:
+                report: Report | None = None, resume_at: int | None = None, flag_group=None,
+                alone: bool = False) -> dict:
     """Serve targets for every iteration; returns this rank's totals (group rank 0 writes files).
 
     `resume_at`: resume at that iteration (the students' common checkpoint); None starts a new run.
     `flag_group`: a gloo group of the teacher ranks (None with one rank) on which they agree to stop
     early when preemption is requested (core.train.preempt): the last iteration's targets then carry
     `last`, every student checkpoints after it, and the totals say `preempted_at` (the next iteration).
+    `alone`: a teacher restarted after a failure (control.on_failure: restart_group), in a world of the
+    teacher ranks only: it continues the target store after its last complete record and sends nothing;
+    the student groups follow the store meanwhile (core.targets.FailoverTargetSource).
     """
+    if alone and job.store is None:
+        raise DinodistError("a restarted teacher writes the target store, but the job has none")
     teacher_ranks = exchange.teacher_ranks
     group_rank = teacher_ranks.index(rank)
     loaded = load_teacher(job.arch, job.overrides, job.checkpoint, job.kind, job.dino_head, job.ibot_head,
@@ -222,8 +233,9 @@ def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh,
     source = build_source(job.source, index=job.data_index)
     store = None
     if job.store is not None and group_rank == 0:
-        store = _open_store(job, loaded.identity, source.fingerprint(), loaded.spec.patch_size, resume_at)
-    if job.kind == HEADS:
+        store = _open_store(job, loaded.identity, source.fingerprint(), loaded.spec.patch_size, resume_at,
+                            append=alone)
+    if job.kind == HEADS and not alone:  # a restarted teacher: the students and the store have them
         weights = last_layers(model)  # collective over the teacher group when sharded
         if group_rank == 0:
             students = [r for ranks in exchange.student_groups.values() for r in ranks]
@@ -231,6 +243,14 @@ def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh,
             if store is not None:
                 store.write_last_layers(weights)
     first = resume_at or 0
+    if alone:
+        # rank 0 holds the store: every teacher rank starts after its last complete record
+        nxt = torch.tensor([0 if store is None or store.last_iteration is None else store.last_iteration + 1],
+                           dtype=torch.int64, device=device)
+        if len(teacher_ranks) > 1:
+            dist.broadcast(nxt, src=teacher_ranks[0], group=group)
+        first = int(nxt.item())
+        log.warning("teacher rank %d: restarted; continuing the target store at iteration %d", rank, first)
     start, stop = exchange.teacher_rows(rank)
     crops = dataclasses.replace(job.crops, n_local=0)
     loader = BatchLoader(source, crops, job.global_batch, job.seed, slice(start, stop),
@@ -240,12 +260,13 @@ def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh,
     counts_of = MaskCounter(job.global_batch, num_samples, job.seed, grid, job.mask_prob, job.mask_ratio)
     out_dir = Path(job.out_dir) / "teacher"
     totals = {"iterations": 0, "teacher_forwards": 0, "target_bytes_sent": 0, "forward_seconds": 0.0,
-              "wait_seconds": 0.0, "step_seconds": 0.0, "store_seconds": 0.0, "start_iteration": first}
+              "wait_seconds": 0.0, "step_seconds": 0.0, "store_seconds": 0.0, "start_iteration": first,
+              "restarted": alone}
     preempted_at = None
     try:
         with contextlib.ExitStack() as stack:
-            _serve(job, exchange, rank, group_rank, model, loader, store, stack, totals,
-                                  out_dir, counts_of, num_samples, device, report, first, flag_group)
+            _serve(job, exchange, rank, group_rank, model, loader, store, stack, totals, out_dir, counts_of,
+                   num_samples, device, report, first, flag_group, alone)
     except preempt.Preempted as p:
         preempted_at = p.iteration
     if preempted_at is not None:
@@ -264,12 +285,14 @@ def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh,
 
 def _serve(job: TeacherJob, exchange: ExchangePlan, rank: int, group_rank: int, model, loader, store,
            stack: contextlib.ExitStack, totals: dict, out_dir: Path, counts_of, num_samples: int,
-           device: torch.device, report: Report | None, first: int, flag_group) -> None:
+           device: torch.device, report: Report | None, first: int, flag_group, alone: bool) -> None:
     teacher_ranks = exchange.teacher_ranks
     root = teacher_ranks[0]
     start, stop = exchange.teacher_rows(rank)
     pending = None  # rank 0 with a store: (its targets of iteration t, the posted receives of t)
     sends = _Sends(exchange, rank, job.prefetch_depth, job.detach_failed_groups)
+    if alone:
+        sends.detached.update(dict.fromkeys(exchange.student_groups, first))
     stack.callback(loader.close)
     writer = None
     if group_rank == 0:

@@ -152,3 +152,31 @@ def test_restart_group_replaces_a_killed_group_while_the_others_go_on(tmp_path, 
     assert run["restarts"] == {"tiny-vits": 1} and run["pids"][str(victim)] != old_pid
     stats = json.loads((out / "teacher" / "stats.json").read_text())
     assert list(stats["detached"]) == ["tiny-vits"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_restart_group_restarts_a_killed_teacher_while_the_students_wait_on_the_store(tmp_path, reference):
+    topo = _topology(tmp_path)
+    out = tmp_path / "run"
+    proc = _start(topo, out)
+    try:
+        ok = wait_for(lambda: all(len(metrics_lines(out / g / "metrics.jsonl")) >= 2 for g in STUDENTS),
+                      180, proc)
+        assert ok and proc.poll() is None, proc.communicate(timeout=30)
+        run = json.loads((out / "run.json").read_text())
+        victim = run["groups"]["teacher"][1]  # one rank of the 2-rank FSDP teacher
+        os.kill(run["pids"][str(victim)], signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stdout + stderr
+    assert "teacher: restarting its 2 rank(s), continuing the target store" in stdout
+    # no student restarted: they switched to the store and waited for the new teacher
+    _assert_same_losses(_losses(out), reference)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["restarts"] == {"teacher": 1} and summary["iterations"] == ITERATIONS
+    assert 0 < summary["teacher_restarted_at"] < ITERATIONS  # it picked up the store where it ended
+    teacher_its = [r["iteration"] for r in metrics_lines(out / "teacher" / "metrics.jsonl")]
+    assert teacher_its == list(range(ITERATIONS))

@@ -84,3 +84,19 @@ def test_two_ranks_fsdp2_match_one_rank(tmp_path, folder):
     train(cfg, tmp_path / "two", resume=True, progress=False)
     resumed = losses(tmp_path / "two")[2]
     assert resumed["loss"] == pytest.approx(one[2]["loss"], rel=1e-4, abs=1e-5)
+
+
+def test_resume_falls_back_past_a_torn_newest_checkpoint(tmp_path, folder, caplog):
+    # checkpoints at 1, 2, 3 (keep 2: 2 and 3); the newest torn as by a crash mid-write
+    raw = cfg_dict(f"folder:{folder}")
+    raw["train"].update(checkpoint_every=1, keep_checkpoints=2)
+    cfg = config_from_dict(raw)
+    train(cfg, tmp_path / "full", progress=False)
+    train(cfg, tmp_path / "cut", stop_at=3, progress=False)
+    newest = tmp_path / "cut" / "ckpt" / "3"
+    shard = next(newest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        train(cfg, tmp_path / "cut", resume=True, progress=False)
+    assert f"skipping broken checkpoint {newest}" in caplog.text
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # redone from 2, still exact

@@ -16,7 +16,7 @@ from dinodist.core.data.agree import agree_fingerprint
 from dinodist.core.data.sources import build_source
 from dinodist.core.distributed import group_mesh, init_from_env, make_subgroups
 from dinodist.core.errors import DinodistError
-from dinodist.core.targets import HEADS, P2PTargetSource, recv_last_layers
+from dinodist.core.targets import HEADS, FailoverTargetSource, P2PTargetSource, recv_last_layers
 from dinodist.core.train.preempt import Preempted
 from dinodist.orchestrator.planfile import RunPlan
 from dinodist.orchestrator.runtime.jobs import (
@@ -32,12 +32,16 @@ from dinodist.orchestrator.runtime.jobs import (
     teacher_job,
     write_rank_record,
 )
+from dinodist.orchestrator.runtime.replay import store_source
 from dinodist.orchestrator.runtime.resume import agree_resume_point, drop_checkpoints_after
 from dinodist.orchestrator.topology import Topology
 from dinodist.students.run import GroupContext, train_student
 from dinodist.teacher.run import run_teacher
 
 log = logging.getLogger("dinodist.rank")
+
+# a student following the store after the teacher died: silence this long (no progress timeout) = gone
+FOLLOW_TIMEOUT_S = 600.0
 
 
 def run_live_rank(topo: Topology, plan: RunPlan, out_dir: Path, resume: bool = False) -> int:
@@ -87,6 +91,12 @@ def run_live_rank(topo: Topology, plan: RunPlan, out_dir: Path, resume: bool = F
             source = P2PTargetSource(exchange, info.rank, target_dims(topo), range(resume_at, job.iterations),
                                      lambda it: counts(it, start, stop), info.device,
                                      depth=topo.train.prefetch_depth)
+            store = topo.target_store_path(out_dir)
+            if topo.control.on_failure == "restart_group" and store is not None:
+                # if the teacher dies, wait for its restart on the store it writes instead of failing
+                timeout = topo.control.progress_timeout_s or FOLLOW_TIMEOUT_S
+                source = FailoverTargetSource(
+                    source, lambda it: store_source(topo, store, start, stop, len(data), True, timeout))
             ctx = GroupContext(pg, mesh, group_rank, len(gp.ranks), start, stop, info.device)
             totals = train_student(job, source, last, ctx, report, resume_at=resume_at)
         log.info("rank %d (%s) done: %s", info.rank, gp.name, totals)
@@ -95,4 +105,31 @@ def run_live_rank(topo: Topology, plan: RunPlan, out_dir: Path, resume: bool = F
         if "preempted_at" in totals:
             raise Preempted(f"rank {info.rank} ({gp.name}): preempted; every group checkpointed at iteration "
                             f"{totals['preempted_at']}", totals["preempted_at"])
+    return 0
+
+
+def run_restarted_teacher_rank(topo: Topology, plan: RunPlan, out_dir: Path) -> int:
+    """A teacher rank started again after a teacher failure (`rank.py --restarted-teacher`): a world of the
+    teacher ranks only (they come first in the plan, so their ranks are unchanged), which continues the
+    target store the student groups follow meanwhile, and sends nothing."""
+    info = init_from_env(topo.resolved_backend(), timeout_s=INIT_TIMEOUT_S)
+    teacher_ranks = list(plan.teacher.ranks)
+    if info.world_size != len(teacher_ranks):
+        raise DinodistError(f"--restarted-teacher: WORLD_SIZE is {info.world_size} but the teacher has "
+                            f"{len(teacher_ranks)} ranks")
+    (pg,) = make_subgroups([teacher_ranks])
+    flag_group = dist.new_group(teacher_ranks, backend="gloo") if len(teacher_ranks) > 1 else None
+    mesh = group_mesh(pg, teacher_ranks, info.device.type)
+    control = start_control(topo, info.rank, plan.teacher.name, "teacher",
+                            {"world_size": info.world_size, "group_rank": info.rank,
+                             "group_size": len(teacher_ranks)})
+    report = control.report if control is not None else None
+    with reporting_to(control, info.rank, plan.teacher.name):
+        totals = run_teacher(teacher_job(topo, out_dir), exchange_plan(plan), info.rank, pg, mesh,
+                             info.device, report, flag_group=flag_group, alone=True)
+        write_rank_record(out_dir, info.rank, {"rank": info.rank, "group": plan.teacher.name,
+                                               "role": "teacher", "restarted": True, **totals})
+        if "preempted_at" in totals:
+            raise Preempted(f"rank {info.rank} (teacher): preempted at iteration {totals['preempted_at']}",
+                            totals["preempted_at"])
     return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 from dinodist.core.errors import DinodistError
 from dinodist.core.train import preempt
 from dinodist.orchestrator.planfile import PLAN_FILE, check_plan_matches, read_plan
-from dinodist.orchestrator.runtime.live import run_live_rank
+from dinodist.orchestrator.runtime.live import run_live_rank, run_restarted_teacher_rank
 from dinodist.orchestrator.runtime.replay import check_store_path, run_replay_rank
 from dinodist.orchestrator.topology import check_runnable, load_topology
 
@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--follow-timeout", type=float, default=None,
                         help="with --follow (required): seconds without a new record before the writer "
                         "counts as dead")
+    parser.add_argument("--restarted-teacher", action="store_true",
+                        help="a teacher rank started again by the supervisor (control.on_failure: "
+                        "restart_group): continue the target store, in a world of the teacher ranks")
     parser.add_argument("--check", action="store_true",
                         help="with --replay: only check the store against the topology, start nothing")
     return parser
@@ -68,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     check_plan_matches(plan, topo, str(plan_path))
     out = Path(args.out) if args.out else Path(topo.output)
     preempt.install_handlers()
+    if args.restarted_teacher:
+        return run_restarted_teacher_rank(topo, plan, out)
     if args.replay:
         return run_replay_rank(topo, plan, out, args.replay, args.student, args.follow, args.follow_timeout,
                                resume=args.resume)

@@ -84,6 +84,21 @@ def check_store_path(topo: Topology, store: str | Path, follow: bool, follow_tim
     check_store(reader, topo, follow)
 
 
+def store_source(topo: Topology, store: str | Path, start: int, stop: int, num_samples: int, follow: bool,
+                 follow_timeout: float | None) -> StoreTargetSource:
+    """Rows [start, stop) of every record of `store`, each checked against this run's sampler (so
+    targets can never be paired with other images), tailing a store still being written with `follow`."""
+    g, seed = topo.train.global_batch_size, topo.train.seed
+    timeout = follow_timeout if follow else None
+    reader = StoreReader(store, follow=follow, poll_s=0.1, timeout_s=timeout)
+
+    def sampler(it: int):
+        return global_batch(it, g, num_samples, seed)
+
+    return StoreTargetSource(reader, start, stop, topo.teacher.targets, follow=follow, timeout_s=timeout,
+                             sampler=sampler)
+
+
 def run_replay_rank(topo: Topology, plan: RunPlan, out_dir: Path, store: str, name: str | None,
                     follow: bool, follow_timeout: float, resume: bool = False) -> int:
     """One rank of a group trained from a store (`rank.py ... --replay STORE --student NAME`): a group
@@ -111,16 +126,9 @@ def run_replay_rank(topo: Topology, plan: RunPlan, out_dir: Path, store: str, na
     start, stop = ExchangePlan(g, [n], {name: ranks},
                                even_batches=topo.train.even_batches).student_rows(info.rank)
     job = student_job(topo, name, out_dir)
-    reader = StoreReader(store, follow=follow, poll_s=0.1, timeout_s=follow_timeout if follow else None)
-    last = reader.last_layers() if job.kind == HEADS else None
     num_samples = len(build_source(topo.data.source, index=data_index(out_dir)))
-    seed = topo.train.seed
-
-    def sampler(it: int):
-        return global_batch(it, g, num_samples, seed)
-
-    source = StoreTargetSource(reader, start, stop, job.kind, follow=follow,
-                               timeout_s=follow_timeout if follow else None, sampler=sampler)
+    source = store_source(topo, store, start, stop, num_samples, follow, follow_timeout)
+    last = source.reader.last_layers() if job.kind == HEADS else None
     newest_at_start = source.newest()
     global_rank = int(os.environ.get(CONTROL_RANK_ENV, info.rank))
     control = start_control(topo, global_rank, name, "student",
