@@ -256,6 +256,7 @@ def test_dashboard_queries_use_only_exported_metrics():
     ex = MetricsExporter(port=None)
     ex.observe_message(hb(0, "g", "a" * 16, 1, 0, [0.1], images=1, wait=0.0, step=0.1, forwards=1, sent=1,
                           losses={"dino": 1.0}, gpu_utilization_ratio=0.5, gpu_memory_used_bytes=1))
+    ex.set_attached("g", True)
     exported = {s.name for fam in ex.registry.collect() for s in fam.samples}
     used = {name for e in exprs for name in re.findall(r"dinodist_[a-z_]+", e)}
     assert used <= exported, used - exported
@@ -263,3 +264,22 @@ def test_dashboard_queries_use_only_exported_metrics():
                    "dinodist_wait_seconds_total", "dinodist_loss", "dinodist_teacher_forwards_total",
                    "dinodist_gpu_utilization_ratio", "dinodist_gpu_memory_used_bytes"):
         assert needed in used
+
+
+def test_restarts_and_attachment_per_group():
+    ex = MetricsExporter(port=None)
+    for g in ("vits", "vitb"):
+        ex.set_attached(g, True)
+
+    def value(name: str, group: str) -> float:
+        return next(s.value for fam in ex.registry.collect() for s in fam.samples
+                    if s.name == name and s.labels["group"] == group)
+
+    assert value("dinodist_group_restarts_total", "vits") == 0  # present from the start, not absent
+    ex.set_attached("vits", False)  # failed: waiting for its restart
+    assert value("dinodist_group_attached", "vits") == 0 and value("dinodist_group_attached", "vitb") == 1
+    ex.record_restart("vits")
+    ex.set_attached("vits", True)
+    assert value("dinodist_group_restarts_total", "vits") == 1
+    assert value("dinodist_group_attached", "vits") == 1
+    assert value("dinodist_group_restarts_total", "vitb") == 0
