@@ -7,6 +7,13 @@ Accepted checkpoints:
 - an official backbone `.pth` (flat state dict, also `{"model": ...}`): `features` targets only,
   since released weights ship without DINO/iBOT heads;
 - none: random init from the run seed, with a loud warning (demos and tests only).
+
+A checkpoint is never copied into a freshly initialised fp32 model: the model is built on the meta
+device, the file is memory-mapped (`torch.load(mmap=True)`), and each tensor goes straight to its
+final device and dtype (`load_state_dict(assign=True)`). On CPU, fp32 parameters stay views of the
+file's pages, shared by every rank on the node. The checkpoint's identity (sha256) comes from the
+sidecar that export-teacher wrote while it still matches the file's size and mtime; a checkpoint
+without one (an official release) is hashed here.
 """
 
 from __future__ import annotations
@@ -18,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from dinodist.core.errors import DinodistError
-from dinodist.core.models import ArchSpec, HeadSpec, build_backbone, build_head, load_backbone_state
+from dinodist.core.models import ArchSpec, HeadSpec, build_backbone, build_head
 from dinodist.core.models.arch import get_arch
-from dinodist.core.models.io import load_file
+from dinodist.core.models.io import check_state_dict, load_file, recorded_sha256
 from dinodist.core.target_store.format import file_sha256
 from dinodist.core.targets import FEATURES, HEADS
 
@@ -55,7 +62,7 @@ class LoadedTeacher:
     spec: ArchSpec
     dino_head: HeadSpec | None
     ibot_head: HeadSpec | None
-    identity: str  # sha256 of the checkpoint file, or "random-init:<seed>"
+    identity: str  # sha256 of the checkpoint file (bare hex), or "random-init:<seed>"
 
     def last_layer_shapes(self) -> dict[str, tuple[int, int]]:
         if self.model.kind != HEADS:
@@ -104,9 +111,62 @@ def _spec_from_sidecar(side: dict, spec: ArchSpec, source: Path) -> ArchSpec:
     return ArchSpec(**arch).validate()
 
 
+def checkpoint_sha256(path: str | Path, side: dict | None = None) -> str:
+    """"sha256:<hex>" of a teacher checkpoint (the form of a store's teacher_hash).
+
+    Taken from the sidecar's `file` record (`side`, or read next to `path`) while the file keeps the
+    size and mtime recorded at export; otherwise hashed, which reads the whole file (minutes at 7B).
+    """
+    path = Path(path)
+    if side is None:
+        side = read_sidecar(path) or {}
+    recorded = recorded_sha256(path, side.get("file"))
+    if recorded is not None:
+        return recorded
+    log.info("hashing teacher checkpoint %s (no sidecar record matching its size and mtime)", path)
+    return file_sha256(path)
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """The teacher's parameter dtype: bf16 on GPU (what FSDP's mixed precision computed in anyway),
+    fp32 on CPU so CPU targets stay exact."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+# Kept fp32 everywhere: never used in the teacher's forward, sent to students and stored as they are.
+_FP32_PARAMS = ("last_layer.",)
+
+
+def _placed(module: nn.Module, state: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """`state` as `module` holds it on `device`: each tensor copied at most once, none if already right.
+
+    Buffers stay fp32: RoPE periods lose precision in bf16, and FSDP's mixed precision never cast
+    buffers either. Copies go to the device first and are cast there (a CPU-side cast would make a
+    second host copy of each tensor).
+    """
+    dtype = inference_dtype(device)
+    buffers = {name for name, _ in module.named_buffers()}
+    out = {}
+    for k, v in state.items():
+        want = v.dtype
+        if v.is_floating_point():
+            want = torch.float32 if k in buffers or k.startswith(_FP32_PARAMS) else dtype
+        out[k] = v.to(device).to(want)
+    return out
+
+
+def _assign(module: nn.Module, state: dict[str, Tensor], device: torch.device) -> nn.Module:
+    """Load an already checked `state` into `module` (a meta build, or a CPU one to move) by reference."""
+    module.load_state_dict(_placed(module, state, device), strict=True, assign=True)
+    return module
+
+
 def load_teacher(arch: str, overrides: dict | None, checkpoint: str | None, kind: str,
-                 dino_head: HeadSpec, ibot_head: HeadSpec, seed: int = 0) -> LoadedTeacher:
-    """Build and load the frozen teacher (CPU, fp32, eval); the caller moves/shards it."""
+                 dino_head: HeadSpec, ibot_head: HeadSpec, seed: int = 0, *,
+                 device: torch.device | str | None = None) -> LoadedTeacher:
+    """Build and load the frozen teacher (eval, no grad) on `device` (default CPU) in its inference
+    dtype (`inference_dtype`); the caller shards it."""
+    device = torch.device(device if device is not None else "cpu")
     if kind not in (HEADS, FEATURES):
         raise DinodistError(f"teacher.targets must be 'heads' or 'features', got {kind!r}")
     spec = get_arch(arch, **(overrides or {}))
@@ -118,30 +178,33 @@ def load_teacher(arch: str, overrides: dict | None, checkpoint: str | None, kind
             "Its targets carry no knowledge; use this only for demos and tests.\n%s",
             "!" * 78, spec.name, seed, "!" * 78,
         )
+        # built and initialised on CPU whatever the device, so a seed gives the same weights everywhere
         torch.manual_seed(seed)
         backbone = build_backbone(spec)
         dh = build_head(spec.embed_dim, dino_head) if with_heads else None
         ih = build_head(spec.embed_dim, ibot_head) if with_heads else None
+        for m in (backbone, dh, ih):
+            if m is not None:
+                _assign(m, m.state_dict(), device)
         return _finish(backbone, dh, ih, kind, spec, dino_head, ibot_head, f"random-init:{seed}")
 
     path = Path(checkpoint)
-    obj = load_file(path, "teacher.checkpoint")
+    obj = load_file(path, "teacher.checkpoint", mmap=True)
+    side = read_sidecar(path) or {}
     # the bare digest: teacher/run.py adds the "sha256:" of a manifest's teacher_hash itself
-    identity = file_sha256(path).removeprefix("sha256:")
+    identity = checkpoint_sha256(path, side).removeprefix("sha256:")
     if isinstance(obj, dict) and isinstance(obj.get("teacher"), dict):
-        side = read_sidecar(path) or {}
         spec = _spec_from_sidecar(side, spec, path)
         dino_head = _head_spec(side.get("dino_head"), dino_head, f"{path}.json dino_head")
         ibot_head = _head_spec(side.get("ibot_head"), ibot_head, f"{path}.json ibot_head")
         sd = obj["teacher"]
         parts = {p: {k[len(p) + 1:]: v for k, v in sd.items() if k.startswith(p + ".")}
                  for p in ("backbone", "dino_head", "ibot_head")}
-        backbone = build_backbone(spec)
-        load_backbone_state(backbone, parts["backbone"], source=str(path))
+        backbone = _load_backbone(spec, parts["backbone"], path, device)
         dh = ih = None
         if with_heads:
-            dh = _load_head(spec.embed_dim, dino_head, parts["dino_head"], path, "dino_head")
-            ih = _load_head(spec.embed_dim, ibot_head, parts["ibot_head"], path, "ibot_head")
+            dh = _load_head(spec.embed_dim, dino_head, parts["dino_head"], path, "dino_head", device)
+            ih = _load_head(spec.embed_dim, ibot_head, parts["ibot_head"], path, "ibot_head", device)
         return _finish(backbone, dh, ih, kind, spec, dino_head, ibot_head, identity)
 
     if with_heads:
@@ -149,18 +212,25 @@ def load_teacher(arch: str, overrides: dict | None, checkpoint: str | None, kind
             f"teacher.checkpoint {path}: a backbone-only checkpoint has no DINO/iBOT heads; "
             "set teacher.targets: features or export a teacher with heads (dinodist export-teacher)"
         )
-    backbone = build_backbone(spec)
     sd = obj.get("model", obj) if isinstance(obj, dict) else obj
     if not isinstance(sd, dict):
         raise DinodistError(f"teacher.checkpoint {path}: expected a state dict, found {type(sd).__name__}")
-    load_backbone_state(backbone, sd, source=str(path))
+    backbone = _load_backbone(spec, sd, path, device)
     return _finish(backbone, None, None, kind, spec, None, None, identity)
 
 
-def _load_head(in_dim: int, spec: HeadSpec, sd: dict, path: Path, name: str) -> nn.Module:
+def _load_backbone(spec: ArchSpec, sd: dict, path: Path, device: torch.device) -> nn.Module:
+    backbone = build_backbone(spec, device="meta")
+    # before any copy: a mismatched file fails without moving gigabytes to the device first
+    check_state_dict(backbone, sd, str(path), spec.name)
+    return _assign(backbone, sd, device)
+
+
+def _load_head(in_dim: int, spec: HeadSpec, sd: dict, path: Path, name: str,
+               device: torch.device) -> nn.Module:
     if not sd:
         raise DinodistError(f"teacher.checkpoint {path}: no '{name}.*' keys (needed for heads targets)")
-    head = build_head(in_dim, spec)
+    head = build_head(in_dim, spec, device="meta")
     want = head.state_dict()
     for k, v in want.items():
         if k not in sd:
@@ -173,8 +243,7 @@ def _load_head(in_dim: int, spec: HeadSpec, sd: dict, path: Path, name: str) -> 
     extra = sorted(set(sd) - set(want))
     if extra:
         raise DinodistError(f"teacher.checkpoint {path}: unexpected {name}.{extra[0]}")
-    head.load_state_dict(sd)
-    return head
+    return _assign(head, sd, device)
 
 
 def _finish(backbone, dh, ih, kind, spec, dino_head, ibot_head, identity) -> LoadedTeacher:

@@ -1,4 +1,6 @@
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +12,8 @@ from dinodist.core.models import (
     read_state_dict,
     save_backbone,
 )
+from dinodist.core.models.io import file_record, load_file, recorded_sha256
+from dinodist.core.target_store import file_sha256
 
 
 class Payload:
@@ -120,3 +124,35 @@ def test_unreadable_files(tmp_path):
 def test_meta_model_cannot_be_saved(tmp_path):
     with pytest.raises(DinodistError, match="meta"):
         save_backbone(build_backbone("tiny-vits", device="meta"), tmp_path / "m.pth")
+
+
+def test_load_file_mmap_and_legacy_fallback(tmp_path):
+    sd = _model().state_dict()
+    path = tmp_path / "b.pth"
+    torch.save(sd, path)
+    mapped = load_file(path, mmap=True)
+    assert all(torch.equal(mapped[k], v) for k, v in sd.items())
+    maps = Path("/proc/self/maps")
+    if maps.is_file():  # Linux: the tensors live in the file's mapping, not in private memory
+        ranges = [tuple(int(x, 16) for x in ln.split()[0].split("-")) for ln in maps.read_text().splitlines()
+                  if ln.endswith(" " + str(path.resolve()))]
+        assert ranges and all(any(lo <= v.data_ptr() < hi for lo, hi in ranges) for v in mapped.values())
+    legacy = tmp_path / "legacy.pth"
+    torch.save(sd, legacy, _use_new_zipfile_serialization=False)  # cannot be mapped: read as before
+    assert all(torch.equal(v, sd[k]) for k, v in load_file(legacy, mmap=True).items())
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(DinodistError, match=r"^teacher.checkpoint .*bad.pth: cannot be read"):
+        load_file(bad, "teacher.checkpoint", mmap=True)
+
+
+def test_file_record_is_trusted_only_while_the_file_is_unchanged(tmp_path):
+    path = tmp_path / "b.pth"
+    save_backbone(_model(), path)
+    rec = file_record(path)
+    assert rec["sha256"] == file_sha256(path) and rec["size"] == path.stat().st_size
+    assert recorded_sha256(path, rec) == rec["sha256"]
+    for bad in (None, "x", {}, {**rec, "sha256": "md5:00"}, {**rec, "size": rec["size"] + 1},
+                {**rec, "mtime_ns": rec["mtime_ns"] - 1}):
+        assert recorded_sha256(path, bad) is None, bad
+    assert recorded_sha256(tmp_path / "gone.pth", rec) is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from dinodist.core.errors import DinodistError
 from dinodist.core.models.arch import ArchSpec
 from dinodist.core.models.vit import DinoVisionTransformer, build_backbone
+from dinodist.core.target_store.format import file_sha256
 
 _SHOW = 3  # offending keys named per category before "(+N more)"
 
@@ -61,15 +63,49 @@ def _load_failure(e: Exception) -> str:
     return f"cannot be read (corrupt or not a torch checkpoint): {detail}"
 
 
-def load_file(path: str | os.PathLike, label: str = "checkpoint") -> object:
-    """torch.load on CPU with weights_only=True; any failure is one line `<label> <path>: why`."""
+def load_file(path: str | os.PathLike, label: str = "checkpoint", *, mmap: bool = False) -> object:
+    """torch.load on CPU with weights_only=True; any failure is one line `<label> <path>: why`.
+
+    `mmap`: tensors are views of the file's pages (read on first touch, shared by every process that
+    maps the file) instead of a private copy. Files in torch's legacy (pre-zip) format cannot be
+    mapped and are read as before.
+    """
     path = Path(path)
     if not path.is_file():
         raise DinodistError(f"{label} {path}: no such file")
+    kwargs = {"mmap": True} if mmap and zipfile.is_zipfile(path) else {}
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
         raise DinodistError(f"{label} {path}: {_load_failure(e)}") from e
+
+
+def file_record(path: str | os.PathLike) -> dict:
+    """What a sidecar records about the checkpoint it describes: size, mtime and sha256 (hashed once, here).
+
+    `recorded_sha256` trusts the hash only while the file keeps this size and mtime.
+    """
+    st = Path(path).stat()
+    digest = file_sha256(path)
+    if Path(path).stat().st_mtime_ns != st.st_mtime_ns:
+        raise DinodistError(f"{path}: modified while it was being hashed")
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+
+
+def recorded_sha256(path: str | os.PathLike, record: object) -> str | None:
+    """The "sha256:<hex>" in a sidecar `record` (a `file_record`) if it still matches the file, else None."""
+    if not isinstance(record, dict):
+        return None
+    digest = record.get("sha256")
+    if not (isinstance(digest, str) and digest.startswith("sha256:") and len(digest) == 71):
+        return None
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    if record.get("size") != st.st_size or record.get("mtime_ns") != st.st_mtime_ns:
+        return None
+    return digest
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:

@@ -2,7 +2,9 @@
 
 Full export: `{"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}` (the layout the official
 distillation loader reads). `backbone_only`: the flat backbone in the official hub layout. Either
-way a sidecar `OUT.pth.json` records the arch spec and head specs so dinodist can rebuild the model.
+way a sidecar `OUT.pth.json` records the arch spec and head specs so dinodist can rebuild the model,
+and under `file` the .pth's size, mtime and sha256: the checkpoint's identity (a target store's
+`teacher_hash`), hashed once here instead of by every teacher rank at every start.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 from dinodist.core.checkpoint import latest_valid_checkpoint, load_checkpoint
 from dinodist.core.errors import DinodistError
-from dinodist.core.models.io import save_backbone
+from dinodist.core.models.io import file_record, save_backbone
 from dinodist.core.ssl.config import load_stage_config
 from dinodist.core.ssl.loop import build_for_export
 from dinodist.core.ssl.model import sidecar, teacher_export_state
@@ -53,5 +55,9 @@ def export_teacher(run_dir: str | Path, out: str | Path, backbone_only: bool = F
     res = cfg.crops.resolutions
     side["image_size"] = res[0].global_size if res else cfg.crops.global_size  # default eval resolution
     side["source"] = {"run_dir": str(run_dir), "checkpoint": str(ck), "stage": cfg.stage}
-    Path(str(out) + ".json").write_text(json.dumps(side, indent=1))
+    side["file"] = file_record(out)
+    # atomic: a teacher starting meanwhile never reads a half-written sidecar (a one-line error)
+    tmp = Path(str(out) + ".json.tmp")
+    tmp.write_text(json.dumps(side, indent=1))
+    os.replace(tmp, Path(str(out) + ".json"))
     return out, side
