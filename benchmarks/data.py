@@ -1,10 +1,17 @@
-"""Multi-crop throughput per core: batched `make_crops` vs a per-crop, per-op loop, side by side.
+"""Multi-crop throughput per core: batched `make_crops` vs a per-crop, per-op loop, side by side;
+then BatchLoader batches/s with the in-process thread path (workers 0) vs worker processes.
 
-Both paths draw the same parameters and do the same crop+resize; the baseline then runs every
+Both crop paths draw the same parameters and do the same crop+resize; the baseline then runs every
 photometric op and the normalisation on one crop at a time, the batched path on all crops of a size
 at once. Images are decoded before timing (the loader caches them), so this measures augmentation.
 
-    python benchmarks/data.py [--source skimage] [--batch 8] [--repeats 7]
+The loader table times `get(t)` over consecutive iterations after a warm-up that starts the workers
+and fills every process's image cache, so it measures steady-state batch building (no training step
+runs in between). Every process uses one intra-op thread: workers N may use N cores, workers 0 one.
+"rank CPU" is the CPU time the rank's own process spends per batch: what workers take off the
+process that feeds the GPU, and a figure that other load on the machine barely moves.
+
+    python benchmarks/data.py [--source skimage] [--batch 8] [--repeats 7] [--workers 2] [--iterations 24]
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import time
 import torch
 
 from dinodist.core.data.augment import CropConfig, _resize_box, distort, draw_params, make_crops, normalize
+from dinodist.core.data.loader import BatchLoader
 from dinodist.core.data.sources import build_source
 
 
@@ -56,11 +64,35 @@ def _time_interleaved(fns: list, repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def loader_rate(src, cfg: CropConfig, batch: int, workers: int, warm: int,
+                iterations: int) -> tuple[float, float, dict]:
+    """Over `iterations` iterations after `warm` untimed ones: batches/s of `BatchLoader.get`, CPU
+    seconds per batch spent by this process (the rank, all its threads), and the last batch."""
+    loader = BatchLoader(src, cfg, batch, seed=0, rows=slice(0, batch), patch_size=16, workers=workers)
+    try:
+        for t in range(warm):
+            loader.get(t)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for t in range(warm, warm + iterations):
+            last = loader.get(t)
+        return iterations / (time.perf_counter() - t0), (time.process_time() - c0) / iterations, last
+    finally:
+        loader.close()
+
+
+def _same_batch(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(v, b[k]) if torch.is_tensor(v) else v == b[k] for k, v in a.items()
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="skimage")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--workers", type=int, default=2, help="loader processes compared with workers 0")
+    parser.add_argument("--iterations", type=int, default=24, help="timed loader iterations")
     args = parser.parse_args()
     torch.set_num_threads(1)  # "per core"
     src = build_source(args.source)
@@ -90,6 +122,21 @@ def main() -> None:
             f"{f'{g}/{loc} x {n}':<26}{crops / t_batch:>16.1f}{crops / t_loop:>14.1f}"
             f"{t_loop / t_batch:>8.2f}x{t_resize / t_batch:>13.0%}  (outputs equal: {same})"
         )
+    w = args.workers
+    print(f"\nBatchLoader, {args.batch} images per batch, {args.iterations} iterations after warm-up")
+    print(f"{'sizes (global/local x n)':<26}{'workers 0 b/s':>15}{f'workers {w} b/s':>15}{'speedup':>9}"
+          f"{'rank CPU ms/b 0':>17}{f'rank CPU ms/b {w}':>17}{'float MB':>10}{'uint8 MB':>10}")
+    # each image in each process's cache: three epochs (len/batch iterations each) per worker
+    warm = max(1, w) * (3 * -(-len(src) // args.batch) + 1)
+    for g, loc, n in ((224, 96, 8), (64, 32, 4)):
+        cfg = CropConfig(global_size=g, local_size=loc, n_local=n)
+        r0, c0, b0 = loader_rate(src, cfg, args.batch, 0, warm, args.iterations)
+        rw, cw, bw = loader_rate(src, cfg, args.batch, w, warm, args.iterations)
+        crop_bytes = args.batch * (2 * g * g + n * loc * loc) * 3
+        same = _same_batch(b0, bw)
+        print(f"{f'{g}/{loc} x {n}':<26}{r0:>15.2f}{rw:>15.2f}{rw / r0:>8.2f}x"
+              f"{c0 * 1e3:>17.1f}{cw * 1e3:>17.1f}"
+              f"{crop_bytes * 4 / 1e6:>10.2f}{crop_bytes / 1e6:>10.2f}  (batches equal: {same})")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,17 @@ from dinodist.core.data import (
     sample_masks,
     sources,
 )
-from dinodist.core.data.augment import _gaussian_blur, _hsv_to_rgb, _rgb_to_hsv, distort, draw_params
+from dinodist.core.data import device as data_device
+from dinodist.core.data.augment import (
+    _gaussian_blur,
+    _hsv_to_rgb,
+    _resize_box,
+    _rgb_to_hsv,
+    distort,
+    draw_params,
+    normalize,
+    quantize,
+)
 from dinodist.core.data.masking import block_mask
 from dinodist.core.errors import DinodistError
 from dinodist.core.losses import ibot_loss
@@ -133,7 +143,7 @@ def test_decode_error_propagates_out_of_loader_prefetch(tmp_path, monkeypatch):
     (tmp_path / f"{bad}.png").write_bytes(b"\x89PNG truncated")
     monkeypatch.setattr(sources, "DECODE_RETRY_DELAYS_S", (0.0,))
     loader = BatchLoader(build_source(f"folder:{tmp_path}"), TINY, g, seed, rows=slice(0, g), patch_size=8,
-                         prefetch=2, workers=2)
+                         prefetch=2, threads=2)
     try:
         loader.get(0)
         failed = loader._futures[1].exception(timeout=30)
@@ -435,3 +445,118 @@ def test_mask_counter_equals_the_loaders_masks():
         assert not all(torch.equal(other(t, 2, 5), counter(t, 2, 5)) for t in range(5))
     finally:
         loader.close()
+
+
+# ---------------------------------------------------------------- uint8 crops, pinned batches, device copies
+
+PLAIN = dict(jitter_prob=0.0, grayscale_prob=0.0, blur_prob_global2=0.0, blur_prob_local=0.0,
+             solarize_prob_global2=0.0)
+
+
+def test_uint8_crops_normalised_on_device_equal_the_float_path():
+    cfg = CropConfig(global_size=32, local_size=16, n_local=3, gram_size=24)
+    ids, seeds = torch.tensor([4, 9, 1]), torch.tensor([11, 12, 13])
+    flt = make_crops(_images(3), ids, seeds, cfg)
+    u8 = make_crops(_images(3), ids, seeds, cfg, uint8=True)
+    mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
+    for k in flt:
+        assert u8[k].dtype == torch.uint8 and u8[k].shape == flt[k].shape, k
+        flat = u8[k].flatten(0, 1)
+        got = data_device.normalize_uint8(flat, mean, std)
+        # the uint8 crop is the float crop before normalisation, rounded: within half a step of it
+        torch.testing.assert_close(got.view_as(flt[k]), flt[k], rtol=0, atol=data_device.UINT8_ATOL)
+        # and its normalisation is exactly the float path's ops on the rounded values
+        assert torch.equal(got, normalize(flat.float().div_(255.0), cfg)), k
+        bf16 = data_device.normalize_uint8(flat, mean, std, torch.bfloat16)
+        assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, got.to(torch.bfloat16)), k
+    # undistorted Gram crops are the resize's own uint8: bit-identical to the float path
+    assert torch.equal(data_device.normalize_uint8(u8["gram"].flatten(0, 1), mean, std).view_as(flt["gram"]),
+                       flt["gram"])
+    # without photometric distortions every crop is bit-identical
+    plain = CropConfig(global_size=32, local_size=16, n_local=2, **PLAIN)
+    flt, u8 = make_crops(_images(3), ids, seeds, plain), make_crops(_images(3), ids, seeds, plain, uint8=True)
+    for k in flt:
+        got = data_device.normalize_uint8(u8[k].flatten(0, 1), mean, std)
+        assert torch.equal(got.view_as(flt[k]), flt[k]), k
+    # what quantize rounds is what the float path normalises
+    params = draw_params(40, 48, 4, 11, 1, cfg)
+    x = distort(_resize_box(_images(1)[0], params.box, params.flip, 32).unsqueeze(0), [params])
+    assert (quantize(x).float() - x * 255).abs().max() <= 0.5 + 1e-4
+    with pytest.raises(DinodistError, match="uint8"):
+        data_device.normalize_uint8(flt["global"], mean, std)
+
+
+def test_uint8_loader_batch_and_prepare_batch():
+    src = _ListSource(_images(6))
+    cfg = CropConfig(global_size=32, local_size=16, n_local=2, gram_size=16)
+    with BatchLoader(src, cfg, 4, 1, rows=slice(1, 3), patch_size=8, prefetch=0) as flt, \
+            BatchLoader(src, cfg, 4, 1, rows=slice(1, 3), patch_size=8, prefetch=0, uint8=True) as u8:
+        a, b = flt.get(2), u8.get(2)
+        assert set(b) == set(a) | {"crop_mean", "crop_std"}
+        assert torch.equal(b["crop_mean"], torch.tensor(cfg.mean)) and b["crop_std"].dtype == torch.float32
+        for k in a:
+            if k not in data_device.CROP_KEYS:
+                assert (torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]), k
+        ready = data_device.prepare_batch(b, "cpu")
+        for k in data_device.CROP_KEYS:
+            assert b[k].dtype == torch.uint8 and ready[k].dtype == torch.float32
+            torch.testing.assert_close(ready[k], a[k], rtol=0, atol=data_device.UINT8_ATOL)
+        # float batches pass through untouched: the default loader's callers see no change
+        same = data_device.prepare_batch(a, "cpu")
+        assert all(same[k] is a[k] for k in a)
+        half = data_device.prepare_batch(b, "cpu", torch.bfloat16)
+        assert half["collated_global_crops"].dtype == torch.bfloat16
+        # what a teacher needs: one crop tensor, not the whole batch
+        for x in (a, b):
+            assert torch.equal(data_device.device_crops(x, "collated_global_crops", "cpu"),
+                               data_device.prepare_batch(x, "cpu")["collated_global_crops"])
+    with pytest.raises(DinodistError, match="crop_mean"):
+        data_device.normalize_crops({k: v for k, v in b.items() if k != "crop_mean"})
+
+
+def test_cuda_consumer_gets_pinned_batches_and_non_blocking_copies(monkeypatch):
+    # no GPU here: CUDA is mocked, so this checks which path is chosen, not the copy itself
+    src = _ListSource(_images(4))
+    assert not data_device.wants_pinned(None) and not data_device.wants_pinned("cpu")
+    assert data_device.wants_pinned("cuda") and data_device.wants_pinned(torch.device("cuda", 1))
+    with pytest.raises(DinodistError, match="pin_memory"):
+        BatchLoader(src, TINY, 2, 0, rows=slice(0, 2), patch_size=8, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    pinned: list[torch.Tensor] = []  # kept alive, so their ids stay unique
+
+    def fake_pin(self, *args, **kwargs):
+        pinned.append(self.clone())
+        return pinned[-1]
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    with BatchLoader(src, TINY, 2, 0, rows=slice(0, 2), patch_size=8, device="cuda:0", prefetch=1) as ld:
+        assert ld.pin_memory
+        for t in range(2):  # built and pinned in the calling thread, then by the prefetch thread
+            batch = ld.get(t)
+            ids = {id(x) for x in pinned}
+            assert all(id(v) in ids for v in batch.values() if torch.is_tensor(v)), t
+            assert torch.equal(batch["collated_global_crops"], ld.build(t)["collated_global_crops"])
+    with BatchLoader(src, TINY, 2, 0, rows=slice(0, 2), patch_size=8, device="cpu", prefetch=0) as ld:
+        assert not ld.pin_memory
+    with BatchLoader(src, TINY, 2, 0, rows=slice(0, 2), patch_size=8, device="cuda", pin_memory=False) as ld:
+        assert not ld.pin_memory
+
+    copies = []
+
+    def fake_to(self, device, non_blocking=False):
+        copies.append((torch.device(device).type, non_blocking, self.dtype))
+        return self
+
+    pinned_ids = set()
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: id(self) in pinned_ids)
+    monkeypatch.setattr(torch.Tensor, "to", fake_to)
+    batch = {"collated_global_crops": torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "labels": torch.zeros(2),
+             "crop_mean": torch.zeros(3), "crop_std": torch.ones(3), "global_batch_size": 2}
+    pinned_ids.update({id(batch["collated_global_crops"]), id(batch["crop_mean"]), id(batch["crop_std"])})
+    out = data_device.to_device(batch, "cuda:0")
+    assert copies == [("cuda", True, torch.uint8), ("cuda", False, torch.float32),
+                      ("cuda", True, torch.float32), ("cuda", True, torch.float32)]
+    assert out["global_batch_size"] == 2
+    copies.clear()
+    data_device.to_device(batch, "cpu")  # never non-blocking off CUDA, pinned or not
+    assert all(not nb for _, nb, _ in copies) and len(copies) == 4

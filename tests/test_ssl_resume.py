@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dinodist.core.distributed import spawn_local
 from dinodist.core.ssl.config import config_from_dict
-from dinodist.core.ssl.launch import spawn
 from dinodist.core.ssl.loop import train
 
 HEAD = {"hidden_dim": 32, "bottleneck_dim": 16, "n_prototypes": 64}
@@ -73,7 +73,7 @@ def test_two_ranks_fsdp2_match_one_rank(tmp_path, folder):
     d["train"]["iterations"] = 3
     cfg = config_from_dict(d)
     train(cfg, tmp_path / "one", progress=False)
-    spawn(_rank_run, 2, (cfg, str(tmp_path / "two"), 2), timeout_s=120)
+    spawn_local(_rank_run, 2, (cfg, str(tmp_path / "two"), 2), backend="gloo", timeout_s=120)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [r["iteration"] for r in two] == [0, 1]
     for a, b in zip(one, two):

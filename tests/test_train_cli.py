@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import struct
 
 import numpy as np
@@ -11,6 +12,8 @@ import pytest
 import torch
 import yaml
 
+from dinodist.core import distributed
+from dinodist.core.errors import DinodistError
 from dinodist.core.models import build_backbone
 from dinodist.core.models.io import load_backbone
 from dinodist.orchestrator.cli import main
@@ -135,3 +138,63 @@ def test_cli_errors_are_one_line(tmp_path, config, fmnist, capsys):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0
+
+
+def test_nproc_backend_and_device_per_rank(monkeypatch):
+    # no GPU here: CUDA is mocked, so this checks the choices the spawned ranks make, not NCCL itself
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.choose_backend(2) == "gloo" and distributed.choose_backend(2, "gloo") == "gloo"
+    with pytest.raises(DinodistError, match="--backend nccl: CUDA is not available"):
+        distributed.choose_backend(2, "nccl")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert distributed.choose_backend(2) == "nccl" and distributed.choose_backend(1, "nccl") == "nccl"
+    assert distributed.choose_backend(2, "gloo") == "gloo"
+    with pytest.raises(DinodistError, match="--nproc 3: only 2 CUDA device"):
+        distributed.choose_backend(3)
+    with pytest.raises(DinodistError, match="--backend: unknown backend 'mpi'"):
+        distributed.choose_backend(2, "mpi")
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend, **kw: calls.append(("init", backend, kw)))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+
+    class Errors(list):
+        put = list.append
+
+    errors = Errors()
+    distributed._spawned(1, 2, 29500, "nccl", errors, lambda: calls.append("train"), (), 30.0)
+    assert [c[0] if isinstance(c, tuple) else c for c in calls] == ["set_device", "init", "train"]
+    assert calls[0] == ("set_device", 1) and calls[1][1] == "nccl"  # the GPU is chosen before the group
+    kw = calls[1][2]
+    assert kw["device_id"] == torch.device("cuda", 1) and kw["rank"] == 1 and kw["world_size"] == 2
+    assert kw["init_method"] == "tcp://127.0.0.1:29500" and not errors
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert distributed.DistInfo(1, 2, 1, "nccl").device == torch.device("cuda", 1)
+
+    calls.clear()
+    info = distributed.init_local_rank(0, 2, 29500, "gloo", 30.0)
+    assert [c[:2] for c in calls] == [("init", "gloo")] and "device_id" not in calls[0][2]
+    assert info.device == torch.device("cpu") and os.environ["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_nproc_backend_errors_are_one_line(config, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    one_line_error(capsys, ["train", str(config), "--out", str(tmp_path / "a"), "--nproc", "2", "--backend",
+                            "nccl"], "--backend nccl", "CUDA is not available")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    one_line_error(capsys, ["train", str(config), "--out", str(tmp_path / "b"), "--nproc", "2"],
+                   "--nproc 2: only 1 CUDA device")
+
+
+@pytest.mark.multiproc
+def test_train_nproc_2_on_cpu(tmp_path, config):
+    out = tmp_path / "two"
+    assert main(["train", str(config), "--out", str(out), "--nproc", "2", "--quiet"]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1] and all(r["images"] == 4 for r in rows)
+    assert (out / "ckpt" / "2" / "meta.json").is_file()

@@ -13,6 +13,9 @@ blur with an inverted RandomApply); solarize (threshold 128) p .2 on global#2 on
 Gram crops share the global crop's box and flip and, by default, skip the photometric distortions.
 Departure: each crop is resized straight from the source box to its output size, where the official
 resizes the box to max(global, gram) first and the global crop again from there.
+
+`make_crops(..., uint8=True)` stops before the normalisation and rounds to uint8, so a loader ships a
+quarter of the bytes and the training device normalises (core/data/device.py).
 """
 
 from __future__ import annotations
@@ -153,8 +156,8 @@ def draw_params(
     )
 
 
-def _resize_box(img: torch.Tensor, box, flip: bool, size: int) -> torch.Tensor:
-    """Crop `box` of a uint8 [3,H,W] image, resize to size x size (bicubic, antialiased), float in [0, 1].
+def _resize_box_uint8(img: torch.Tensor, box, flip: bool, size: int) -> torch.Tensor:
+    """Crop `box` of a uint8 [3,H,W] image, resize to size x size (bicubic, antialiased), still uint8.
 
     The resize runs on uint8 channels-last: torch's kernel for that case follows Pillow's bicubic
     (a = -0.5, rounded to uint8), i.e. what the official torchvision-on-PIL pipeline computes, and it
@@ -163,8 +166,13 @@ def _resize_box(img: torch.Tensor, box, flip: bool, size: int) -> torch.Tensor:
     top, left, h, w = box
     patch = img[:, top : top + h, left : left + w].unsqueeze(0).contiguous(memory_format=torch.channels_last)
     out = F.interpolate(patch, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    out = out[0].contiguous().float().div_(255.0)
+    out = out[0].contiguous()
     return out.flip(-1) if flip else out
+
+
+def _resize_box(img: torch.Tensor, box, flip: bool, size: int) -> torch.Tensor:
+    """`_resize_box_uint8` as float in [0, 1]."""
+    return _resize_box_uint8(img, box, flip, size).float().div_(255.0)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -270,14 +278,23 @@ def normalize(x: torch.Tensor, cfg: CropConfig) -> torch.Tensor:
     return x.sub_(mean).div_(std)
 
 
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] float crops -> uint8: the nearest of the 256 steps (round half to even)."""
+    return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
 def make_crops(
-    images: list[torch.Tensor], sample_ids, seeds, cfg: CropConfig
+    images: list[torch.Tensor], sample_ids, seeds, cfg: CropConfig, uint8: bool = False
 ) -> dict[str, torch.Tensor]:
     """Multi-crop views of a batch of uint8 [3,H,W] images.
 
     Returns float32, ImageNet-normalised `global [B,2,3,G,G]`, `local [B,n,3,L,L]` and, when
     `cfg.gram_size` is set, `gram [B,2,3,g,g]` (same box and flip as the matching global crop).
     Pixels depend only on (image, sample_id, seed, cfg).
+
+    `uint8=True`: the same crops before normalisation, rounded to uint8 (`quantize`), for
+    `core.data.device.normalize_uint8` to normalise on the training device. Undistorted Gram crops are
+    the resize's own uint8 output, so they normalise to exactly the float path's values.
     """
     cfg.validate()
     ids = [int(i) for i in (sample_ids.tolist() if torch.is_tensor(sample_ids) else sample_ids)]
@@ -288,6 +305,7 @@ def make_crops(
     g_params: list[CropParams] = []
     l_params: list[CropParams] = []
     g_pix, l_pix, gram_pix = [], [], []
+    gram_raw = uint8 and cfg.gram_no_distortions  # nothing happens to them between resize and normalise
     for img, sid, sd in zip(images, ids, sds):
         if img.dim() != 3 or img.shape[0] != 3 or img.dtype != torch.uint8:
             raise DinodistError(f"make_crops: sample {sid} is not a uint8 [3,H,W] image ({tuple(img.shape)})")
@@ -298,21 +316,23 @@ def make_crops(
                 g_params.append(p)
                 g_pix.append(_resize_box(img, p.box, p.flip, cfg.global_size))
                 if cfg.gram_size is not None:
-                    gram_pix.append(_resize_box(img, p.box, p.flip, cfg.gram_size))
+                    resize = _resize_box_uint8 if gram_raw else _resize_box
+                    gram_pix.append(resize(img, p.box, p.flip, cfg.gram_size))
             else:
                 l_params.append(p)
                 l_pix.append(_resize_box(img, p.box, p.flip, cfg.local_size))
+    finish = quantize if uint8 else (lambda x: normalize(x, cfg))
     gs, ls = cfg.global_size, cfg.local_size
     thr = cfg.solarize_threshold
-    out = {"global": normalize(distort(torch.stack(g_pix), g_params, thr), cfg).view(b, 2, 3, gs, gs)}
+    out = {"global": finish(distort(torch.stack(g_pix), g_params, thr)).view(b, 2, 3, gs, gs)}
     if n_local:
-        local = normalize(distort(torch.stack(l_pix), l_params, thr), cfg)
+        local = finish(distort(torch.stack(l_pix), l_params, thr))
         out["local"] = local.view(b, n_local, 3, ls, ls)
     else:
-        out["local"] = torch.empty(b, 0, 3, ls, ls)
+        out["local"] = torch.empty(b, 0, 3, ls, ls, dtype=torch.uint8 if uint8 else torch.float32)
     if cfg.gram_size is not None:
         gram = torch.stack(gram_pix)
         if not cfg.gram_no_distortions:
             gram = distort(gram, g_params, cfg.solarize_threshold)
-        out["gram"] = normalize(gram, cfg).view(b, 2, 3, cfg.gram_size, cfg.gram_size)
+        out["gram"] = (gram if gram_raw else finish(gram)).view(b, 2, 3, cfg.gram_size, cfg.gram_size)
     return out

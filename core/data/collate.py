@@ -19,7 +19,8 @@ def collate(crops: dict[str, torch.Tensor], masks: torch.Tensor) -> dict:
     `mask_indices_list` (flat indices of masked patches into 2B*P), `masks_weight` (1/#masked of the
     patch's crop, one per masked patch, so each crop's weights sum to 1), `n_masked_patches` ([1] long),
     `upperbound` (the masked-patch count; the official uses it only as a static buffer size),
-    and `collated_gram_teacher_crops [2B,3,g,g]` when gram crops exist.
+    and `collated_gram_teacher_crops [2B,3,g,g]` when gram crops exist. Crops keep their dtype: float32
+    normalised, or uint8 from `make_crops(..., uint8=True)`.
     """
     g = crops["global"]
     if g.dim() != 5 or g.shape[1] != 2:

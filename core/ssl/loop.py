@@ -26,6 +26,7 @@ from dinodist.core.checkpoint import (
     save_checkpoint,
 )
 from dinodist.core.data.augment import CropConfig
+from dinodist.core.data.device import pin_batch, prepare_batch
 from dinodist.core.data.loader import BatchLoader
 from dinodist.core.data.sources import build_source
 from dinodist.core.errors import DinodistError
@@ -80,13 +81,14 @@ def _crop_config(cfg: StageConfig, r: Resolution) -> CropConfig:
 class _Batches:
     """One loader per resolution; the next iteration is built in a background thread by the right loader."""
 
-    def __init__(self, cfg: StageConfig, rank: int, world: int, patch_size: int) -> None:
+    def __init__(self, cfg: StageConfig, rank: int, world: int, patch_size: int, pin: bool = False) -> None:
         g = cfg.data.global_batch_size
         b = g // world
         source = build_source(cfg.data.source)
         if len(source) == 0:
             raise DinodistError(f"data.source {cfg.data.source!r}: no images")
         self.cfg = cfg
+        self.pin = pin
         self.loaders = [
             BatchLoader(
                 source, _crop_config(cfg, r), g, cfg.seed, slice(rank * b, (rank + 1) * b), patch_size,
@@ -98,7 +100,8 @@ class _Batches:
         self.pending: dict[int, Future] = {}
 
     def _build(self, it: int) -> dict:
-        return self.loaders[resolution_index(self.cfg, it)].build(it)
+        batch = self.loaders[resolution_index(self.cfg, it)].build(it)
+        return pin_batch(batch) if self.pin else batch  # in the data thread: the copy is then non-blocking
 
     def get(self, it: int, last: int) -> dict:
         fut = self.pending.pop(it, None)
@@ -255,7 +258,7 @@ def train(
         raise DinodistError(f"train.iterations {total}: the run is already at iteration {start}")
 
     lr_sched = scaled(cfg.optim.lr, lr_scale_factor(cfg.optim.lr_scaling, g))
-    batches = _Batches(cfg, rank, world, model.student.backbone.patch_size)
+    batches = _Batches(cfg, rank, world, model.student.backbone.patch_size, pin=device is not None)
     bar = _Progress(progress and rank == 0, start, total, cfg.train.log_every)
     end = total if stop_at is None else min(total, stop_at)
     last: dict = {}
@@ -265,7 +268,7 @@ def train(
             t0 = time.perf_counter()
             batch = batches.get(it, end)
             if device is not None:
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                batch = prepare_batch(batch, device)
             lr = schedule_value(lr_sched, it, total)
             wd = schedule_value(cfg.optim.weight_decay, it, total)
             momentum = schedule_value(cfg.loss.ema_momentum, it, total)
