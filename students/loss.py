@@ -17,6 +17,9 @@ registers them (and the backbone pass that feeds them) as FSDP forward methods.
 Every term is a mean over the rank's rows (DINO over crops x rows, iBOT over crops, KoLeo over
 rows per crop, features over rows): on uneven shares students/run.py rescales the total by
 core.rows.loss_scale so the group's averaged gradient is the full-batch gradient.
+
+The terms come back as detached 0-dim tensors, not Python floats: reading a GPU tensor into Python
+waits for the device, and the step reads all of them at once, after the optimizer step.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import nn
 
 from dinodist.core.errors import DinodistError
 from dinodist.core.losses import (
+    PRECISIONS,
     dino_loss,
     dino_loss_chunked,
     ibot_loss,
@@ -53,12 +57,18 @@ class LossConfig:
     koleo_weight: float
     # rows per chunk of the prototype losses (train.loss_chunk_rows); 0: full logits
     loss_chunk_rows: int
+    # matmul mode of the chunked losses (core/losses/chunked.py, train.loss_precision): "auto" = fp32 on
+    # CPU, TF32 on CUDA
+    loss_precision: str
     dino_weight: float = 1.0
     local_dino_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.loss_chunk_rows < 0:
             raise DinodistError(f"train.loss_chunk_rows must be >= 0, got {self.loss_chunk_rows}")
+        if self.loss_precision not in PRECISIONS:
+            raise DinodistError(f"loss precision must be one of {', '.join(PRECISIONS)}, "
+                                f"got {self.loss_precision!r}")
 
 
 def dino_scales(n_local: int) -> tuple[float, float]:
@@ -83,9 +93,13 @@ def teacher_probs(targets: dict[str, torch.Tensor], last_layers: dict[str, torch
     return {"dino": dino.view(N_GLOBAL, -1, dino.shape[-1]), "ibot": ibot}
 
 
+def _detached(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in terms.items()}
+
+
 def heads_loss(out: dict[str, torch.Tensor], probs: dict[str, torch.Tensor], batch: dict, n_local: int,
-               cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total distillation loss and its terms (floats, for metrics)."""
+               cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total distillation loss and its terms (detached 0-dim tensors, for metrics)."""
     b = probs["dino"].shape[1]
     logits = out["dino"].float()
     g_logits = logits[: N_GLOBAL * b].view(N_GLOBAL, b, -1)
@@ -105,22 +119,21 @@ def heads_loss(out: dict[str, torch.Tensor], probs: dict[str, torch.Tensor], bat
     koleo = torch.stack([koleo_loss(c) for c in out["g_cls"].float().chunk(N_GLOBAL)]).mean()
     total = total + cfg.koleo_weight * N_GLOBAL * koleo
     terms["koleo"] = koleo
-    return total, {k: float(v.detach()) for k, v in terms.items()}
+    return total, _detached(terms)
 
 
 def features_loss(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
-                  cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+                  cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Backbone-feature targets: cosine distance on CLS, smooth-L1 on patch tokens (both crops)."""
     cos = 1.0 - F.cosine_similarity(out["proj_cls"].float(), targets["cls"].float(), dim=-1).mean()
     patch = F.smooth_l1_loss(out["proj_patch"].float(), targets["patch"].float())
     koleo = torch.stack([koleo_loss(c) for c in out["g_cls"].float().chunk(N_GLOBAL)]).mean()
     total = cos + patch + cfg.koleo_weight * N_GLOBAL * koleo
-    return total, {"cls_cosine": float(cos.detach()), "patch_smooth_l1": float(patch.detach()),
-                   "koleo": float(koleo.detach())}
+    return total, _detached({"cls_cosine": cos, "patch_smooth_l1": patch, "koleo": koleo})
 
 
 def distill_loss(kind: str, out: dict, targets: dict, last_layers: dict | None, batch: dict, n_local: int,
-                 cfg: LossConfig, group=None) -> tuple[torch.Tensor, dict[str, float]]:
+                 cfg: LossConfig, group=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     if kind == HEADS:
         with torch.no_grad():
             probs = teacher_probs(targets, last_layers, cfg.teacher_temp, group)
@@ -154,18 +167,19 @@ def _dino_terms(head: nn.Module, cls: torch.Tensor, teacher, n_local: int, cfg: 
     w = head.last_layer.weight
     g = z[: N_GLOBAL * rows].view(N_GLOBAL, rows, -1)
     glob = dino_loss_chunked(g, w, teacher, cfg.student_temp, ignore_diagonal=True,
-                             chunk_rows=cfg.loss_chunk_rows)
+                             chunk_rows=cfg.loss_chunk_rows, precision=cfg.loss_precision)
     if not n_local:
         return glob, None
     loc = z[N_GLOBAL * rows:].view(n_local, rows, -1)
-    return glob, dino_loss_chunked(loc, w, teacher, cfg.student_temp, chunk_rows=cfg.loss_chunk_rows)
+    return glob, dino_loss_chunked(loc, w, teacher, cfg.student_temp, chunk_rows=cfg.loss_chunk_rows,
+                                   precision=cfg.loss_precision)
 
 
 def _ibot_term(head: nn.Module, patch: torch.Tensor, teacher, masks: torch.Tensor, masks_weight: torch.Tensor,
                cfg: LossConfig) -> torch.Tensor:
     z = _bottleneck(head, patch)
     return ibot_loss_chunked(z, head.last_layer.weight, teacher, masks, cfg.student_temp, masks_weight,
-                             chunk_rows=cfg.loss_chunk_rows)
+                             chunk_rows=cfg.loss_chunk_rows, precision=cfg.loss_precision)
 
 
 def attach_chunked_losses(student: nn.Module) -> None:
@@ -189,18 +203,18 @@ def attach_chunked_losses(student: nn.Module) -> None:
 
 def chunked_heads_loss(student: nn.Module, batch: dict, targets: dict[str, torch.Tensor],
                        last_layers: dict[str, torch.Tensor], n_local: int, cfg: LossConfig,
-                       group=None) -> tuple[torch.Tensor, dict[str, float]]:
+                       group=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`heads_loss` of `student(...)` without any [rows, K] logits (student or teacher) held whole.
 
     Needs `attach_chunked_losses(student)` first. Same terms and scales as `distill_loss`; teacher
     Sinkhorn-Knopp over the group by `sinkhorn_knopp_chunked` (kept as factors, recomputed per chunk).
     """
-    c = cfg.loss_chunk_rows
+    c, prec = cfg.loss_chunk_rows, cfg.loss_precision
     with torch.no_grad():
         t_dino = sinkhorn_knopp_chunked(targets["dino"], last_layers["dino_last_layer.weight"],
-                                        cfg.teacher_temp, group=group, chunk_rows=c)
+                                        cfg.teacher_temp, group=group, chunk_rows=c, precision=prec)
         t_ibot = sinkhorn_knopp_chunked(targets["ibot"], last_layers["ibot_last_layer.weight"],
-                                        cfg.teacher_temp, group=group, chunk_rows=c)
+                                        cfg.teacher_temp, group=group, chunk_rows=c, precision=prec)
     rows = targets["dino"].shape[0] // N_GLOBAL
     local = batch.get("collated_local_crops")
     out = student.head_inputs(batch["collated_global_crops"], local, batch["mask_indices_list"])
@@ -218,4 +232,4 @@ def chunked_heads_loss(student: nn.Module, batch: dict, targets: dict[str, torch
     koleo = torch.stack([koleo_loss(x) for x in out["g_cls"].float().chunk(N_GLOBAL)]).mean()
     total = total + cfg.koleo_weight * N_GLOBAL * koleo
     terms["koleo"] = koleo
-    return total, {k: float(v.detach()) for k, v in terms.items()}
+    return total, _detached(terms)

@@ -74,6 +74,10 @@ def test_sinkhorn_n_samples_overrides_row_count():
     logits = torch.randn(4, 5)
     out = sinkhorn_knopp(logits, 0.5, n_samples=4)
     torch.testing.assert_close(out, sinkhorn_knopp(logits, 0.5))
+    # an int, a tensor and the row count itself are the same float32 B_total (filled on the device)
+    for n in (torch.tensor(4), torch.tensor(4.0, dtype=torch.float64)):
+        assert torch.equal(sinkhorn_knopp(logits, 0.5, n_samples=n), out)
+    assert not torch.equal(sinkhorn_knopp(logits, 0.5, n_samples=7), out)
 
 
 def _dino_manual(student, teacher, temp, ignore_diagonal):

@@ -15,15 +15,18 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "koleo_loss": "koleo",
     "koleo_loss_distributed": "koleo",
     "sinkhorn_knopp": "sinkhorn",
+    "PRECISIONS": "chunked",
     "SinkhornScaling": "chunked",
     "dino_loss_chunked": "chunked",
     "ibot_loss_chunked": "chunked",
     "prototype_cross_entropy_chunked": "chunked",
+    "resolve_precision": "chunked",
     "sinkhorn_knopp_chunked": "chunked",
     "loss_activation_bytes": "memory",
 })
 
 __all__ = [
+    "PRECISIONS",
     "SinkhornScaling",
     "dino_loss",
     "dino_loss_chunked",
@@ -35,6 +38,7 @@ __all__ = [
     "loss_activation_bytes",
     "prototype_cross_entropy_chunked",
     "resize_gram_teacher",
+    "resolve_precision",
     "sinkhorn_knopp",
     "sinkhorn_knopp_chunked",
 ]

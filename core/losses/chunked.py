@@ -30,10 +30,25 @@ since a global max would still let a prototype whose logits sit far below the la
 Where it is not needed the shift is 0, so exp() sees exactly the argument l / tau of the unshifted
 version and rounds the same way (a shifted argument (l - m) / tau is larger for small
 probabilities and so carries a larger absolute rounding error).
+
+Matmul precision (`precision`, the student's `LossConfig.loss_precision`). The prototype matmuls are
+the losses' FLOPs, and fp32 matmuls on a GPU run at a small fraction of its tensor-core rate:
+- "fp32": every matmul in IEEE fp32, as above; what "auto" means on CPU, so CPU results are unchanged.
+- "tf32": the same fp32 tensors with TF32 tensor-core matmuls (fp32 accumulation and output; 10-bit
+  mantissa inputs). What "auto" means on CUDA: under FSDP's bf16 mixed precision the student's
+  bottleneck and prototype weights are bf16 already, so their products are exact in TF32 and only
+  the accumulation order differs from fp32; the elementwise log-sum-exp work over [chunk, K] then
+  dominates the time, so bf16 logits would gain little for their rounding. On CPU it is fp32.
+- "bf16": bf16 matmul inputs and bf16 logits, upcast to fp32 before the log-sum-exp, the softmax and
+  every sum; the logits carry bf16 rounding (2^-9 relative), which exp() amplifies by |l| / tau.
+  Runs on CPU too (slowly), so it is testable there.
+The gradient matmuls of the cross-entropy follow the same mode (bf16: a [K, Db] bf16 temporary per
+chunk for the weight gradient, accumulated in fp32).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -52,6 +67,68 @@ from dinodist.core.losses.memory import (
 # for sums over 1e12 rows below fp32's 3e38, and a column max >= exp(0) keeps >= 87 nats above its
 # smallest normal 1e-38 (the shifted case has exactly 87).
 _SHIFT_ABOVE = 60.0
+
+
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """The matmul mode the chunked losses use on `device` ("fp32", "tf32" or "bf16"; see the module doc).
+
+    "auto" is fp32 everywhere but CUDA, where it is TF32; "tf32" is fp32 off CUDA (no TF32 matmuls there).
+    """
+    if precision not in PRECISIONS:
+        raise DinodistError(f"loss precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    cuda = torch.device(device).type == "cuda"
+    if precision == "auto":
+        return "tf32" if cuda else "fp32"
+    if precision == "tf32" and not cuda:
+        return "fp32"
+    return precision
+
+
+@contextlib.contextmanager
+def _tf32_matmuls() -> Iterator[None]:
+    # The setting is process-global: set around our own matmuls only and put back, whatever it was.
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@dataclass(frozen=True)
+class _Matmul:
+    """The prototype matmuls of one resolved precision mode; "fp32" is exactly the plain expressions."""
+
+    mode: str  # "fp32" | "tf32" | "bf16"
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        return _tf32_matmuls() if self.mode == "tf32" else contextlib.nullcontext()
+
+    def weight(self, w: Tensor) -> Tensor:
+        """The operand the logits multiply with, converted once per pass rather than per chunk."""
+        return w.to(torch.bfloat16) if self.mode == "bf16" else w.float()
+
+    def logits(self, x: Tensor, w: Tensor) -> Tensor:
+        """fp32 [n, K] = x [n, Db] @ w.T, w from `weight`."""
+        if self.mode == "bf16":
+            return (x.to(torch.bfloat16) @ w.t()).float()
+        return x.float() @ w.t()
+
+    def input_grad(self, g: Tensor, w: Tensor) -> Tensor:
+        """g [n, K] @ w [K, Db], w from `weight`."""
+        if self.mode == "bf16":
+            return g.to(torch.bfloat16) @ w
+        return g @ w
+
+    def add_weight_grad(self, dw: Tensor, g: Tensor, x_rows: Tensor) -> None:
+        """dw [K, Db] (fp32) += g.T @ x_rows."""
+        if self.mode == "bf16":
+            dw.add_(g.t().to(torch.bfloat16) @ x_rows.to(torch.bfloat16))
+        else:
+            dw.addmm_(g.t(), x_rows)
 
 
 def _distributed(group) -> bool:
@@ -96,6 +173,7 @@ class SinkhornScaling:
     shift: Tensor  # [K] per-prototype max over the group's rows, 0 where no shift is needed
     col: Tensor  # [K]
     total: Tensor | None  # B_total when n_iterations == 0, else None (rows are normalised)
+    precision: str = "fp32"  # resolved matmul mode (`resolve_precision`) of `probs`
 
     @property
     def rows(self) -> int:
@@ -108,7 +186,10 @@ class SinkhornScaling:
     def probs(self, rows: slice | Tensor = slice(None)) -> Tensor:
         """Float32 probabilities [n, K] of the selected rows (a slice or an index tensor)."""
         # In place: one [n, K] allocation per call.
-        q = _shifted_exp(self.bottleneck[rows], self.weight, self.shift, self.temperature).mul_(self.col)
+        mm = _Matmul(self.precision)
+        with mm.scope():
+            q = _shifted_exp(mm, self.bottleneck[rows], mm.weight(self.weight), self.shift, self.temperature)
+        q.mul_(self.col)
         if self.total is None:
             return q.div_(q.sum(-1, keepdim=True))
         return q.mul_(self.total)
@@ -120,8 +201,8 @@ def _shift(m: Tensor, temperature: float) -> Tensor:
     return torch.where(torch.isfinite(m) & ((top < 0) | (top > _SHIFT_ABOVE)), m, torch.zeros_like(m))
 
 
-def _shifted_exp(x: Tensor, weight: Tensor, shift: Tensor, temperature: float) -> Tensor:
-    return (x.float() @ weight.t()).sub_(shift).div_(temperature).exp_()
+def _shifted_exp(mm: _Matmul, x: Tensor, weight: Tensor, shift: Tensor, temperature: float) -> Tensor:
+    return mm.logits(x, weight).sub_(shift).div_(temperature).exp_()
 
 
 @torch.no_grad()
@@ -133,6 +214,7 @@ def sinkhorn_knopp_chunked(
     group=None,
     n_samples: int | Tensor | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    precision: str = "auto",
 ) -> SinkhornScaling:
     """`sinkhorn_knopp(bottleneck @ weight.T, ...)` as factors, streaming over chunks of rows.
 
@@ -141,7 +223,7 @@ def sinkhorn_knopp_chunked(
     recomputed per chunk of `chunk_rows` rows: max(n_iterations, 1) passes of a [chunk, Db] x [Db, K]
     matmul here, and one more per row when its probabilities are materialised. Every rank of the
     group must call it (collectives: the row count unless n_samples is given, one MAX and
-    max(n_iterations, 1) SUMs of a [K] vector).
+    max(n_iterations, 1) SUMs of a [K] vector). `precision`: the matmuls' mode (module doc).
     """
     if bottleneck.dim() != 2:
         raise DinodistError(f"sinkhorn bottleneck must be [rows, dim], got shape {tuple(bottleneck.shape)}")
@@ -155,6 +237,8 @@ def sinkhorn_knopp_chunked(
     w = weight.detach().float()
     n, k = x.shape[0], w.shape[0]
     dev = w.device
+    mm = _Matmul(resolve_precision(precision, dev))
+    w_mm = mm.weight(w)
 
     # Pass 0: per-prototype max and sum of exp((l - shift) / tau) in one pass, with the shift rule applied
     # to the running max and the running sum rescaled when a later chunk changes it (as online softmax
@@ -163,7 +247,8 @@ def sinkhorn_knopp_chunked(
     ref = torch.zeros(k, device=dev)
     s = torch.zeros(k, device=dev)
     for rows in _chunks(n, chunk_rows):
-        logits = x[rows].float() @ w.t()
+        with mm.scope():
+            logits = mm.logits(x[rows], w_mm)
         m = torch.maximum(m, logits.amax(0))
         new_ref = _shift(m, temperature)
         s.mul_(torch.exp((ref - new_ref) / temperature))
@@ -175,16 +260,19 @@ def sinkhorn_knopp_chunked(
     s = torch.where(torch.isfinite(m), s * torch.exp((ref - shift) / temperature), torch.zeros_like(s))
     s = _all_reduce(s, group)
 
+    # Filled on the device, not copied from the host: a blocking host-to-device copy waits for the stream.
     if n_samples is None:
-        total = _all_reduce(torch.tensor(float(n), device=dev), group)
+        total = _all_reduce(torch.full((), float(n), device=dev), group)
+    elif torch.is_tensor(n_samples):
+        total = n_samples.to(device=dev, dtype=torch.float32)
     else:
-        total = torch.as_tensor(n_samples, dtype=torch.float32, device=dev)
+        total = torch.full((), float(n_samples), device=dev)
     if n_iterations == 0:
         # Only the initial global normalisation: Q = exp(l / tau) * B_total / sum(exp(l / tau)).
         top = shift.max() if k else shift.new_zeros(())
         col = torch.exp((shift - top) / temperature)
         col /= (col * s).sum()
-        return SinkhornScaling(x, w, temperature, shift, col, total)
+        return SinkhornScaling(x, w, temperature, shift, col, total, mm.mode)
 
     # Iterations 1 .. n-1 stream the row step into the next prototype step; the last row step, a plain
     # row normalisation, is left to SinkhornScaling.probs.
@@ -192,12 +280,13 @@ def sinkhorn_knopp_chunked(
     for _ in range(n_iterations - 1):
         next_s = torch.zeros(k, device=dev)
         for rows in _chunks(n, chunk_rows):
-            e = _shifted_exp(x[rows], w, shift, temperature)
+            with mm.scope():
+                e = _shifted_exp(mm, x[rows], w_mm, shift, temperature)
             # mv then add: addmv_ accumulating into next_s rounds ~4x worse (measured).
             next_s += e.t() @ (1.0 / (total * (e @ col)))
             del e
         col = 1.0 / (k * _all_reduce(next_s, group))
-    return SinkhornScaling(x, w, temperature, shift, col, None)
+    return SinkhornScaling(x, w, temperature, shift, col, None, mm.mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +321,7 @@ class _Plan:
     row_weights: Tensor | None  # [B]
     student_temp: float
     chunk_rows: int
+    matmul: _Matmul = _Matmul("fp32")
 
 
 def _chunk_targets(plan: _Plan, rows: slice, b: int) -> list[Tensor | None]:
@@ -265,8 +355,8 @@ def _chunk_targets(plan: _Plan, rows: slice, b: int) -> list[Tensor | None]:
     return out
 
 
-def _log_probs(x_rows: Tensor, weight: Tensor, temp: float) -> Tensor:
-    z = (x_rows.float() @ weight.t()).div_(temp)
+def _log_probs(mm: _Matmul, x_rows: Tensor, weight: Tensor, temp: float) -> Tensor:
+    z = mm.logits(x_rows, weight).div_(temp)
     return z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
 
 
@@ -282,10 +372,11 @@ class _ChunkedPrototypeCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, plan: _Plan) -> Tensor:
-        w = weight.float()
+        w = plan.matmul.weight(weight)
         total = torch.zeros((), device=x.device)
-        for rows in _chunks(x.shape[1], plan.chunk_rows):
-            total -= _forward_chunk(x, w, plan, rows)
+        with plan.matmul.scope():
+            for rows in _chunks(x.shape[1], plan.chunk_rows):
+                total -= _forward_chunk(x, w, plan, rows)
         ctx.save_for_backward(x, weight)
         ctx.plan = plan
         return total
@@ -294,11 +385,11 @@ class _ChunkedPrototypeCE(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        w = weight.float()
+        w = plan.matmul.weight(weight)
         dx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        dw = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         scale = grad.float() / plan.student_temp
-        with torch.no_grad():
+        with torch.no_grad(), plan.matmul.scope():
             for rows in _chunks(x.shape[1], plan.chunk_rows):
                 _backward_chunk(x, w, plan, rows, scale, dx, dw)
         return dx, (dw.to(weight.dtype) if dw is not None else None), None
@@ -313,7 +404,7 @@ def _forward_chunk(x: Tensor, w: Tensor, plan: _Plan, rows: slice) -> Tensor:
     for s, target in enumerate(_chunk_targets(plan, rows, x.shape[1])):
         if target is None:
             continue
-        log_p = _log_probs(x[s, rows], w, plan.student_temp)
+        log_p = _log_probs(plan.matmul, x[s, rows], w, plan.student_temp)
         # Row-wise dot products as a batched matmul: no [rows, K] product temporary.
         ce = torch.bmm(target.unsqueeze(1), log_p.unsqueeze(2)).view(-1)
         del log_p
@@ -332,12 +423,12 @@ def _backward_chunk(x: Tensor, w: Tensor, plan: _Plan, rows: slice, scale: Tenso
             continue
         x_rows = x[s, rows].float()
         # d/dz of -sum_k q_k log_softmax(z)_k is softmax(z) * sum_k q_k - q, with z = logits / tau.
-        g = _log_probs(x_rows, w, plan.student_temp).exp_()
+        g = _log_probs(plan.matmul, x_rows, w, plan.student_temp).exp_()
         g.mul_(target.sum(-1, keepdim=True)).sub_(target).mul_(scale)
         if dx is not None:
-            dx[s, rows] = (g @ w).to(dx.dtype)
+            dx[s, rows] = plan.matmul.input_grad(g, w).to(dx.dtype)
         if dw is not None:
-            dw.addmm_(g.t(), x_rows)
+            plan.matmul.add_weight_grad(dw, g, x_rows)
         del g
 
 
@@ -349,6 +440,7 @@ def prototype_cross_entropy_chunked(
     row_weights: Tensor | None = None,
     student_temp: float = 0.1,
     chunk_rows: int = DEFAULT_LOSS_CHUNK_ROWS,
+    precision: str = "auto",
 ) -> Tensor:
     """Weighted cross-entropy sum_{s,t,b} pair_weights[s,t] row_weights[b] CE(teacher (t,b), student (s,b)).
 
@@ -356,7 +448,8 @@ def prototype_cross_entropy_chunked(
     z = student_bottleneck[s, b] @ student_weight.T. `student_bottleneck` [S, B, Db] is crop-major,
     `teacher` holds T * B rows in the same crop-major order (a SinkhornScaling, or probabilities
     [T * B, K] / [T, B, K]). Differentiable w.r.t. the student bottleneck and weight; forward and
-    backward keep O(chunk_rows x K) floats alive (chunks run over the B samples).
+    backward keep O(chunk_rows x K) floats alive (chunks run over the B samples). `precision`: the
+    matmuls' mode (module doc), resolved on the student bottleneck's device.
     """
     if student_bottleneck.dim() != 3:
         raise DinodistError(
@@ -383,8 +476,10 @@ def prototype_cross_entropy_chunked(
         if row_weights.shape != (b,):
             raise DinodistError(f"row_weights must be [{b}], got shape {tuple(row_weights.shape)}")
         row_weights = row_weights.detach().float()
+    # pair_weights is host data (the callers build it on the CPU): reading it is no device sync
     pairs = pair_weights.detach().double().tolist()
-    plan = _Plan(source, pairs, row_weights, float(student_temp), int(chunk_rows))
+    mm = _Matmul(resolve_precision(precision, student_bottleneck.device))
+    plan = _Plan(source, pairs, row_weights, float(student_temp), int(chunk_rows), mm)
     return _ChunkedPrototypeCE.apply(student_bottleneck, student_weight, plan)
 
 
@@ -395,6 +490,7 @@ def dino_loss_chunked(
     student_temp: float = 0.1,
     ignore_diagonal: bool = False,
     chunk_rows: int = DEFAULT_LOSS_CHUNK_ROWS,
+    precision: str = "auto",
 ) -> Tensor:
     """`dino_loss(student_bottleneck @ student_weight.T, teacher probs, ...)` without the [S, B, K] logits.
 
@@ -418,7 +514,7 @@ def dino_loss_chunked(
     else:
         n_pairs = s_crops * t_crops
     ce = prototype_cross_entropy_chunked(
-        student_bottleneck, student_weight, teacher, pairs, None, student_temp, chunk_rows
+        student_bottleneck, student_weight, teacher, pairs, None, student_temp, chunk_rows, precision
     )
     return ce / (b * n_pairs)
 
@@ -431,12 +527,14 @@ def ibot_loss_chunked(
     student_temp: float = 0.1,
     masks_weight: Tensor | None = None,
     chunk_rows: int = DEFAULT_LOSS_CHUNK_ROWS,
+    precision: str = "auto",
 ) -> Tensor:
     """`ibot_loss(student_bottleneck @ student_weight.T, teacher probs, masks, ...)` chunk by chunk.
 
     `student_bottleneck` [M, Db] and `teacher` (M rows) hold the masked patches in
     `masks.flatten().nonzero()` order; `masks` [N, P] bool; `masks_weight` [M] defaults to
-    1 / #masked of the patch's crop.
+    1 / #masked of the patch's crop (computing that default selects by the masks, a device sync on a
+    GPU, which the students avoid by passing the loader's weights).
     """
     if student_bottleneck.dim() != 2:
         raise DinodistError(
@@ -445,13 +543,19 @@ def ibot_loss_chunked(
     if masks.dim() != 2:
         raise DinodistError(f"ibot masks must be [crops, patches], got shape {tuple(masks.shape)}")
     m = student_bottleneck.shape[0]
-    if int(masks.sum()) != m:
-        raise DinodistError(f"ibot masks select {int(masks.sum())} patches, student_bottleneck has {m} rows")
+    # Given weights are checked by shape only: counting the masks would read them, a device sync on a
+    # GPU. The default weights select the masked patches anyway, so their count comes for free.
     if masks_weight is None:
         per_crop = masks.sum(-1, keepdim=True).clamp(min=1).float()
         masks_weight = (1.0 / per_crop).expand_as(masks)[masks]
+        if masks_weight.shape[0] != m:
+            raise DinodistError(f"ibot masks select {masks_weight.shape[0]} patches, student_bottleneck has "
+                                f"{m} rows")
+    elif masks_weight.shape != (m,):
+        raise DinodistError(f"ibot masks_weight must be [{m}] (one per masked patch), got shape "
+                            f"{tuple(masks_weight.shape)}")
     ce = prototype_cross_entropy_chunked(
         student_bottleneck.unsqueeze(0), student_weight, teacher, torch.ones(1, 1), masks_weight,
-        student_temp, chunk_rows,
+        student_temp, chunk_rows, precision,
     )
     return ce / masks.shape[0]

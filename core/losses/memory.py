@@ -44,7 +44,9 @@ def loss_activation_bytes(rows_dino: int, rows_ibot: int, k_dino: int, k_ibot: i
     factor vectors and per-row factors / weights. Not included: the prototype weights, their gradient,
     the student bottleneck and its gradient, which are parameter- / activation-sized and counted
     elsewhere by the cost model (with bf16 prototype weights the losses add an fp32 copy and an fp32
-    gradient of each, K x Db).
+    gradient of each, K x Db). The "bf16" matmul precision stays within the same count (its bf16 logits
+    or gradient copy, half a row, exist while the phase holds fewer than its peak rows) but adds a
+    [K, Db] bf16 product per chunk to the weight gradient.
     """
     check_chunk_rows(chunk_rows)
     dino = min(chunk_rows, rows_dino) * k_dino * _DINO_WIDE_PER_ROW

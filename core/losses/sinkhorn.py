@@ -34,10 +34,13 @@ def sinkhorn_knopp(
     """
     q = torch.exp(logits.float() / temperature).t()  # [K, B_local]
     k = q.shape[0]
+    # Filled on the device, not copied from the host: a blocking host-to-device copy waits for the stream.
     if n_samples is None:
-        total = _all_reduce(torch.tensor(float(q.shape[1]), device=q.device), group)
+        total = _all_reduce(torch.full((), float(q.shape[1]), device=q.device), group)
+    elif torch.is_tensor(n_samples):
+        total = n_samples.to(device=q.device, dtype=torch.float32)
     else:
-        total = torch.as_tensor(n_samples, dtype=torch.float32, device=q.device)
+        total = torch.full((), float(n_samples), device=q.device)
     q /= _all_reduce(q.sum(), group)
     for _ in range(n_iterations):
         q /= _all_reduce(q.sum(dim=1, keepdim=True), group)

@@ -3,6 +3,13 @@
 RoPE has no learnable weights; only `periods` is kept, as a persistent buffer, because official
 checkpoints carry it. Sin/cos are recomputed on every call so that, while training, each call
 (i.e. each block and each crop size) draws its own coordinate augmentation.
+
+Rope dtype (`rope_dtype`): the rotation runs in the dtype of sin/cos, as the official `apply_rope`
+casts q and k to the rope's dtype. fp32 (the default) is the released backbones' and the 7B's; the
+official distilled students train with rope dtype bf16 (`student_rope_dtype`), which on a GPU
+saves two fp32 copies of q and k per block. Unlike the official, whose bf16 rope also computes the
+coordinates and angles in bf16, the angles and sin/cos are computed in fp32 and rounded once: the
+same bf16 operands up to that rounding, and no bf16 error in angles of up to 4 pi.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ class RopePositionEmbedding(nn.Module):
         rescale_coords: float | None = None,
         shift_coords: float | None = None,
         jitter_coords: float | None = None,
+        rope_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if head_dim % 4:
@@ -38,6 +46,7 @@ class RopePositionEmbedding(nn.Module):
         self.rescale_coords = rescale_coords
         self.shift_coords = shift_coords
         self.jitter_coords = jitter_coords
+        self.rope_dtype = rope_dtype  # of the returned sin/cos, hence of the rotation; None: fp32
         self.register_buffer("periods", torch.empty(head_dim // 4), persistent=True)
         if self.periods.device.type != "meta":
             self.reset_parameters()
@@ -76,7 +85,24 @@ class RopePositionEmbedding(nn.Module):
 
     def forward(self, H: int, W: int) -> tuple[Tensor, Tensor]:
         angles = self.angles(H, W)
-        return torch.sin(angles), torch.cos(angles)
+        sin, cos = torch.sin(angles), torch.cos(angles)
+        if self.rope_dtype is not None and self.rope_dtype != torch.float32:
+            return sin.to(self.rope_dtype), cos.to(self.rope_dtype)
+        return sin, cos
+
+
+def student_rope_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The rope dtype a distilled student trains with on `device`: bf16 on CUDA (the official distilled
+    students'), None (fp32, every result as before) elsewhere."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else None
+
+
+def set_rope_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """Set the rope dtype of every RopePositionEmbedding in `model` (None: fp32); returns `model`."""
+    for m in model.modules():
+        if isinstance(m, RopePositionEmbedding):
+            m.rope_dtype = dtype
+    return model
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -92,15 +118,17 @@ def rope_apply(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
 def apply_rope_qk(q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """Rotate the patch tokens of q, k [B, heads, N, hd]; the leading cls/register tokens stay as they are.
 
-    The rotation runs in fp32 (the released models' rope dtype) and is cast back to q's dtype.
+    The rotation runs in the rope dtype, sin's: fp32 (the released models') unless the embedding was
+    given a 16-bit `rope_dtype`; the result is cast back to q's dtype.
     """
     sin, cos = rope
     n_patches = sin.shape[-2]
     prefix = q.shape[-2] - n_patches
     dtype = q.dtype
-    sin, cos = sin.float(), cos.float()
-    q_rot = rope_apply(q[:, :, prefix:].float(), sin, cos).to(dtype)
-    k_rot = rope_apply(k[:, :, prefix:].float(), sin, cos).to(dtype)
+    rope_dtype = sin.dtype if sin.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    sin, cos = sin.to(rope_dtype), cos.to(rope_dtype)
+    q_rot = rope_apply(q[:, :, prefix:].to(rope_dtype), sin, cos).to(dtype)
+    k_rot = rope_apply(k[:, :, prefix:].to(rope_dtype), sin, cos).to(dtype)
     q = torch.cat((q[:, :, :prefix], q_rot), dim=-2)
     k = torch.cat((k[:, :, :prefix], k_rot), dim=-2)
     return q, k

@@ -6,6 +6,10 @@ Per submodule of the trained model (backbone, dino_head, ibot_head, feature_proj
   wd_mult = 0 for names ending in "bias" or containing "norm" / "gamma" (tokens and patch weights keep wd)
 and the heads' `last_layer` weights are flagged so they can be frozen (lr 0) for the first iterations.
 Parameters with equal (lr_mult, wd_mult, last_layer) share one group, keeping the foreach kernels long.
+
+The update kernel follows the parameters' device (`adamw_kwargs`): on CUDA the fused AdamW (one
+kernel per group, step counters kept on the device, so nothing is read back to the host); elsewhere
+the foreach one, as before.
 """
 
 from __future__ import annotations
@@ -62,6 +66,20 @@ def param_groups(
     return [buckets[k] for k in sorted(buckets)]
 
 
+def adamw_kwargs(device_type: str) -> dict[str, bool]:
+    """The AdamW implementation for parameters on `device_type`: fused on CUDA, foreach elsewhere.
+
+    Fused keeps its step counters on the device (foreach keeps them on the host and reads them every
+    step) and updates a whole group in one kernel; on CPU foreach keeps every result as it was.
+    """
+    return {"fused": True} if device_type == "cuda" else {"foreach": True}
+
+
+def _device_type(groups: list[dict]) -> str:
+    # DTensor parameters (FSDP2) report the device of their local shards, which is what the kernels see
+    return groups[0]["params"][0].device.type
+
+
 def build_optimizer(
     model: nn.Module,
     depth: int,
@@ -71,11 +89,15 @@ def build_optimizer(
     betas: tuple[float, float],
     eps: float = 1e-8,
 ) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; lr and wd are 0 until `apply_hyperparams` sets this iteration's values."""
+    """AdamW over `param_groups`; lr and wd are 0 until `apply_hyperparams` sets this iteration's values.
+
+    Build it after the model is on its device: the implementation (`adamw_kwargs`) follows the device.
+    """
     groups = param_groups(model, depth, layerwise_decay, patch_embed_lr_mult)
     if not groups:
         raise DinodistError(f"{type(model).__name__} has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps, weight_decay=0.0, foreach=True)
+    return torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps, weight_decay=0.0,
+                             **adamw_kwargs(_device_type(groups)))
 
 
 def apply_hyperparams(
