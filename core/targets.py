@@ -377,7 +377,7 @@ class P2PTargetSource:
             wp.wait()
             self.bytes_received += header.numel() * 8 + payload.numel() * payload.element_size()
             parts.append(_unpack(self.dims.kind, self.dims, iteration, tr.start, tr.stop,
-                                 counts.to(self.device) if counts is not None else None, payload))
+                                 counts, payload))  # host counts: crop_major compares them with host masks
         # post the next receives before the caller trains on this iteration: the teacher can
         # then deliver iteration t+1 while the student computes t. None after the teacher's last one:
         # it will never send them.

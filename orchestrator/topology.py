@@ -114,6 +114,8 @@ class Student(_Strict):
     shard: Literal["fsdp", "ddp"] = "fsdp"
     # true (full: each block re-run in the backward), false, or selective (core/models/checkpointing.py)
     activation_checkpointing: bool | Literal["selective"] = False
+    # torch.compile each backbone block (after checkpointing, before FSDP); the first steps pay the compile
+    compile: bool = False
     dino_head: HeadConfig = Field(default_factory=HeadConfig)
     ibot_head: HeadConfig = Field(default_factory=HeadConfig)
     optim: StudentOptim = Field(default_factory=StudentOptim)
@@ -163,6 +165,9 @@ class Train(_Strict):
     even_batches: bool = True
     # rows per chunk of the prototype losses (the [rows, K] logits are never all live); 0: unchunked
     loss_chunk_rows: int = Field(DEFAULT_CHUNK_ROWS, ge=0)
+    # the chunked prototype losses' matmuls: auto = fp32 on CPU (exact), TF32 on CUDA; bf16 = bf16 logits
+    # with an fp32 log-sum-exp
+    loss_precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"
 
 
 class Metrics(_Strict):

@@ -24,6 +24,7 @@ after that iteration with a checkpoint, which every group writes at the same ite
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,10 +35,12 @@ import torch.distributed as dist
 
 from dinodist.core.checkpoint import load_checkpoint, save_checkpoint
 from dinodist.core.data.augment import CropConfig
+from dinodist.core.data.device import prepare_batch
 from dinodist.core.data.loader import BatchLoader
 from dinodist.core.data.sources import build_source
 from dinodist.core.errors import DinodistError
-from dinodist.core.models import HeadSpec, build_backbone, load_backbone_state, save_backbone
+from dinodist.core.models import HeadSpec, build_backbone, compile_blocks, load_backbone_state, save_backbone
+from dinodist.core.models.rope import set_rope_dtype, student_rope_dtype
 from dinodist.core.rows import loss_scale, rank_rows
 from dinodist.core.targets import HEADS, TargetSource, crop_major, masks_from_collated
 from dinodist.core.train import preempt
@@ -78,6 +81,7 @@ class StudentJob:
     checkpoint_every: int | None
     keep_checkpoints: int
     activation_checkpointing: bool | str  # true / "full", "selective", false / "none"
+    compile: bool  # torch.compile each backbone block
 
     @property
     def group_dir(self) -> Path:
@@ -100,15 +104,54 @@ class GroupContext:
 Report = Callable[[dict], "str | None"]  # per-iteration stats in, a control command (or None) out
 
 
-def _reduce_rows(values: dict[str, float], ctx: GroupContext, global_batch: int) -> dict[str, float]:
-    """Group-level value of per-rank means: sum_r rows_r * value_r / G (the mean when shares are even)."""
-    if ctx.group_size == 1 or not values:
+def _reduce_rows(values: torch.Tensor, ctx: GroupContext, global_batch: int) -> torch.Tensor:
+    """Group-level values of per-rank means: sum_r rows_r * value_r / G (the mean when shares are even).
+
+    `values` [n] float64 on the rank's device, reduced there: nothing is read to the host here, the
+    loop reads the result with the iteration's one read.
+    """
+    if ctx.group_size == 1:
         return values
-    keys = sorted(values)
-    rows = ctx.stop - ctx.start
-    t = torch.tensor([values[k] * rows for k in keys], dtype=torch.float64, device=ctx.device)
+    t = values * (ctx.stop - ctx.start)
     dist.all_reduce(t, group=ctx.group)
-    return {k: float(v) / global_batch for k, v in zip(keys, t.tolist())}
+    return t / global_batch
+
+
+def student_step(job: StudentJob, ctx: GroupContext, student: torch.nn.Module, ema: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, batch: dict, targets: dict[str, torch.Tensor],
+                 last_layers: dict[str, torch.Tensor] | None, iteration: int, scale: float = 1.0,
+                 group=None) -> tuple[float, float, dict[str, float]]:
+    """One update of the rank's student: its host batch and crop-major targets to the device, losses,
+    backward (x `scale`, core.rows.loss_scale), clipping, AdamW, EMA, then the step's one device read.
+
+    Returns (this rank's loss, the group's loss, the group's loss terms), group values being the
+    rows-weighted means over the group (`_reduce_rows`). Nothing is checked: a non-finite loss comes
+    back as it is, after the update. `group`: Sinkhorn-Knopp's process group, the student group's own
+    (None would mean the world). Needs `attach_chunked_losses(student)` first when the losses are chunked.
+    """
+    # non_blocking: a blocking host-to-device copy waits for the whole stream (a sync per tensor)
+    targets = {k: v.to(ctx.device, non_blocking=True) for k, v in targets.items()}
+    batch = prepare_batch(batch, ctx.device)  # non-blocking from pinned memory; uint8 crops normalised here
+    if job.kind == HEADS and job.loss.loss_chunk_rows > 0:
+        loss, terms = chunked_heads_loss(student, batch, targets, last_layers, job.crops.n_local, job.loss,
+                                         group=group)
+    else:
+        out = student(batch["collated_global_crops"], batch.get("collated_local_crops"),
+                      batch.get("mask_indices_list"))
+        loss, terms = distill_loss(job.kind, out, targets, last_layers, batch, job.crops.n_local, job.loss,
+                                   group=group)
+    opt = job.optim
+    # loss_scale: 1.0 with even shares; see the module docstring for why uneven ones need it
+    optimizer_step(loss, optimizer, student, ema, lr=lr_at(iteration, opt), wd=opt.weight_decay,
+                   clip_grad=opt.clip_grad if opt.clip_grad > 0 else None, momentum=opt.ema,
+                   loss_scale=scale, measure_norms=False)
+    # After the step, so the device never idles mid-step waiting for the host: the losses are read
+    # once, as one tensor, this rank's loss (for the NaN check) first, then the group-level values.
+    names = list(terms)
+    own = torch.stack([loss.detach(), *terms.values()]).double()
+    reduced = _reduce_rows(own, ctx, job.global_batch)
+    own_loss, group_loss, *group_terms = torch.cat([own[:1], reduced]).tolist()
+    return own_loss, group_loss, dict(zip(names, group_terms))
 
 
 def _check_rows(job: StudentJob, ctx: GroupContext) -> None:
@@ -131,6 +174,9 @@ def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str,
     student = build_student(job.arch, job.overrides, job.kind, job.dino_head, job.ibot_head,
                             job.teacher_dim, job.seed)
     student.apply_activation_checkpointing(job.activation_checkpointing)  # before make_ema / shard_student
+    if job.compile:
+        compile_blocks(student.backbone)  # checkpointing -> compile -> FSDP; the EMA copy runs eager
+    set_rope_dtype(student, student_rope_dtype(ctx.device))  # bf16 on CUDA as the official students
     depth = len(student.backbone.blocks)
     ema = make_ema(student)
     student.to(ctx.device)
@@ -152,7 +198,8 @@ def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str,
         last_layers = {k: v.to(ctx.device) for k, v in last_layers.items()}
     source = build_source(job.source, index=job.data_index)
     loader = BatchLoader(source, job.crops, job.global_batch, job.seed, slice(ctx.start, ctx.stop),
-                         student.backbone.patch_size, mask_prob=job.mask_prob, mask_ratio=job.mask_ratio)
+                         student.backbone.patch_size, mask_prob=job.mask_prob, mask_ratio=job.mask_ratio,
+                         device=ctx.device)
     group_dir = job.group_dir
     writer = None
     if ctx.group_rank == 0:
@@ -175,30 +222,19 @@ def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str,
             wait = time.perf_counter() - tw
             masks = masks_from_collated(batch["collated_masks"])
             tgt_cm = crop_major(tgt, masks if job.kind == HEADS else None)
-            tgt_cm = {k: v.to(ctx.device) for k, v in tgt_cm.items()}
-            batch = {k: (v.to(ctx.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            if chunked:
-                loss, terms = chunked_heads_loss(student, batch, tgt_cm, last_layers, job.crops.n_local,
-                                                 job.loss, group=sk_group)
-            else:
-                local = batch.get("collated_local_crops")
-                out = student(batch["collated_global_crops"], local, batch.get("mask_indices_list"))
-                loss, terms = distill_loss(job.kind, out, tgt_cm, last_layers, batch, job.crops.n_local,
-                                           job.loss, group=sk_group)
-            if not torch.isfinite(loss):
-                raise DinodistError(f"group {job.name}: loss is {float(loss)} at iteration {it}")
-            # loss_scale: 1.0 with even shares; see the module docstring for why uneven ones need it
-            optimizer_step(loss, optimizer, student, ema, lr=lr_at(it, opt), wd=opt.weight_decay,
-                           clip_grad=opt.clip_grad if opt.clip_grad > 0 else None, momentum=opt.ema,
-                           loss_scale=scale, measure_norms=False)
-            step = time.perf_counter() - t0
-            terms["loss"] = float(loss.detach())
-            terms = _reduce_rows(terms, ctx, job.global_batch)
+            own_loss, group_loss, terms = student_step(job, ctx, student, ema, optimizer, batch, tgt_cm,
+                                                       last_layers, it, scale, group=sk_group)
+            step = time.perf_counter() - t0  # after the step's read: the device's time, not launch time
+            if not (math.isfinite(own_loss) and math.isfinite(group_loss)):
+                # This iteration's update (and EMA) already ran on the bad gradient; raising here, before
+                # its metrics line and checkpoint, leaves the newest checkpoint clean. Every rank of the
+                # group sees the group loss, so all of them stop here, not only the one that diverged.
+                bad = own_loss if not math.isfinite(own_loss) else group_loss
+                raise DinodistError(f"group {job.name}: loss is {bad} at iteration {it}")
             totals["iterations"] += 1
             totals["images"] += rows
             totals["step_seconds"] += step
             totals["wait_seconds"] += wait
-            group_loss = terms.pop("loss")
             if writer is not None:
                 line = {"iteration": it, "loss": group_loss, **terms, "step_seconds": step,
                         "wait_seconds": wait, "images": job.global_batch}

@@ -38,7 +38,7 @@ from dinodist.core.data.sampler import global_batch
 from dinodist.core.data.sources import build_source
 from dinodist.core.errors import DinodistError
 from dinodist.core.models import HeadSpec
-from dinodist.core.target_store import StoreWriter, file_sha256
+from dinodist.core.target_store import StoreWriter
 from dinodist.core.targets import (
     HEADS,
     ExchangePlan,
@@ -53,7 +53,7 @@ from dinodist.core.targets import (
 )
 from dinodist.core.train import preempt
 from dinodist.core.train.metrics import open_metrics, write_record
-from dinodist.teacher.model import last_layers, load_teacher, shard_teacher
+from dinodist.teacher.model import checkpoint_sha256, last_layers, load_teacher, shard_teacher
 from dinodist.teacher.targets import compute_targets
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ def target_crop_config(crops: CropConfig) -> dict:
 
 def store_identity(job: TeacherJob) -> str:
     """`teacher_hash` of the manifest, without loading the teacher: sha256 of its file or its seed."""
-    return file_sha256(job.checkpoint) if job.checkpoint else f"random-init:{job.seed}"
+    # the sidecar's record when it still matches the file: hashing 27 GB is what a check must not do
+    return checkpoint_sha256(job.checkpoint) if job.checkpoint else f"random-init:{job.seed}"
 
 
 def store_manifest(job: TeacherJob, teacher_hash: str, data_fingerprint: str, patch_size: int) -> dict:
@@ -226,9 +227,10 @@ def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh,
         raise DinodistError("a restarted teacher writes the target store, but the job has none")
     teacher_ranks = exchange.teacher_ranks
     group_rank = teacher_ranks.index(rank)
+    # built on meta, weights mapped from the file straight into place (bf16 on GPU): no fp32 copy per rank
     loaded = load_teacher(job.arch, job.overrides, job.checkpoint, job.kind, job.dino_head, job.ibot_head,
-                          job.seed)
-    model = loaded.model.to(device)
+                          job.seed, device=device)
+    model = loaded.model
     shard_teacher(model, mesh if len(teacher_ranks) > 1 else None, job.shard)
     source = build_source(job.source, index=job.data_index)
     store = None
@@ -253,8 +255,10 @@ def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh,
         log.warning("teacher rank %d: restarted; continuing the target store at iteration %d", rank, first)
     start, stop = exchange.teacher_rows(rank)
     crops = dataclasses.replace(job.crops, n_local=0)
+    # device: batches pinned in the loader's thread on CUDA, so the copy in compute_targets overlaps
     loader = BatchLoader(source, crops, job.global_batch, job.seed, slice(start, stop),
-                         loaded.spec.patch_size, mask_prob=job.mask_prob, mask_ratio=job.mask_ratio)
+                         loaded.spec.patch_size, mask_prob=job.mask_prob, mask_ratio=job.mask_ratio,
+                         device=device)
     num_samples = len(source)
     grid = (job.crops.global_size // loaded.spec.patch_size,) * 2
     counts_of = MaskCounter(job.global_batch, num_samples, job.seed, grid, job.mask_prob, job.mask_ratio)

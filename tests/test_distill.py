@@ -274,7 +274,8 @@ def test_student_loss_composition_and_features_path():
 
     # the topology's defaults (the one place that states them); the expected total below uses them
     cfg = LossConfig(**{k: Train.model_fields[k].default for k in
-                        ("teacher_temp", "student_temp", "ibot_weight", "koleo_weight", "loss_chunk_rows")})
+                        ("teacher_temp", "student_temp", "ibot_weight", "koleo_weight", "loss_chunk_rows",
+                         "loss_precision")})
     total, terms = heads_loss(out, probs, {"collated_masks": masks, "masks_weight": weight}, n_local, cfg)
     g, loc = dino_scales(n_local)
     want = g * terms["dino_global"] + loc * terms["dino_local"] + terms["ibot"] + 0.1 * 2 * terms["koleo"]

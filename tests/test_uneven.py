@@ -300,7 +300,7 @@ def runs(tmp_path_factory):
     # the ranks start while the inline child computes: the machine has 2 cores, the job 5 ranks
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    child = mp.get_context("fork").Process(target=_inline_runs, args=(str(topo), str(base / "inline")))
+    child = mp.get_context("spawn").Process(target=_inline_runs, args=(str(topo), str(base / "inline")))
     child.start()
     child.join(150)
     if child.is_alive():

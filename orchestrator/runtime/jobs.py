@@ -84,7 +84,7 @@ def student_job(topo: Topology, name: str, out_dir: str | Path) -> StudentJob:
                          clip_grad=tr["clip_grad"], ema=tr["ema"])
     loss = LossConfig(teacher_temp=tr["teacher_temp"], student_temp=tr["student_temp"],
                       ibot_weight=tr["ibot_weight"], koleo_weight=tr["koleo_weight"],
-                      loss_chunk_rows=tr["loss_chunk_rows"])
+                      loss_chunk_rows=tr["loss_chunk_rows"], loss_precision=tr["loss_precision"])
     return StudentJob(
         name=name, arch=s.arch, kind=topo.teacher.targets, source=d.source, data_index=data_index(out_dir),
         crops=crop_config(topo),
@@ -93,7 +93,7 @@ def student_job(topo: Topology, name: str, out_dir: str | Path) -> StudentJob:
         teacher_dim=topo.teacher_spec().embed_dim, seed=tr["seed"],
         mask_prob=d.mask_probability, mask_ratio=tuple(d.mask_ratio), optim=optim, loss=loss,
         checkpoint_every=tr["checkpoint_every"], keep_checkpoints=tr["keep_checkpoints"],
-        activation_checkpointing=s.activation_checkpointing,
+        activation_checkpointing=s.activation_checkpointing, compile=s.compile,
     )
 
 
