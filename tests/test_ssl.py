@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from dinodist.core.errors import DinodistError
@@ -22,6 +24,7 @@ from dinodist.core.train.ema import copy_weights, ema_update
 from dinodist.core.train.optim import apply_hyperparams, multipliers, param_groups
 
 HEAD = {"hidden_dim": 32, "bottleneck_dim": 16, "n_prototypes": 64}
+STAGES = Path(__file__).resolve().parents[1] / "configs" / "stages"
 
 
 def make_folder(root, n_per_class=6, size=40, seed=0):
@@ -126,6 +129,27 @@ def test_schedules_shapes():
     assert Schedule.model_validate(0.07).peak == 0.07
     assert lr_scale_factor("sqrt_wrt_1024", 4096) == pytest.approx(8.0)
     assert scaled(Schedule(peak=5e-5), 8.0).peak == pytest.approx(4e-4)  # the 7B recipe's scaled lr
+
+
+def test_activation_checkpointing_and_compile_fields():
+    from dinodist.core.ssl.config import dump_config, load_stage_config
+
+    default = config_from_dict(tiny("skimage")).train
+    assert (default.activation_checkpointing, default.compile) == (False, False)
+    for value in (True, False, "selective"):
+        sets = [f"train.activation_checkpointing={str(value).lower()}", "train.compile=true"]
+        cfg = config_from_dict(tiny("skimage"), overrides=sets)
+        assert (cfg.train.activation_checkpointing, cfg.train.compile) == (value, True)
+        assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg  # the run's config.yaml reads back
+    for bad in ("yes", 1, "full"):
+        with pytest.raises(DinodistError) as err:
+            config_from_dict(tiny("skimage", train={"activation_checkpointing": bad}), "s.yaml")
+        want = f"s.yaml: train.activation_checkpointing: must be true, false or selective, got {bad!r}"
+        assert str(err.value) == want
+    # the paper stages as the official 7B recipe: pretrain selective, gram and highres full
+    modes = {n: load_stage_config(STAGES / f"vit7b16-{n}.yaml").train.activation_checkpointing
+             for n in ("pretrain", "gram", "highres")}
+    assert modes == {"pretrain": "selective", "gram": True, "highres": True}
 
 
 def test_loss_scales_match_official():

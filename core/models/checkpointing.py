@@ -1,6 +1,7 @@
 """Activation checkpointing (and optional torch.compile) per transformer block.
 
-Modes, as the topology spells them (`students[].activation_checkpointing`):
+Modes, as the topology (`students[].activation_checkpointing`) and the SSL stage configs
+(`train.activation_checkpointing`) spell them:
 - `none` (false): every block keeps what autograd saves.
 - `full` (true): a block keeps only its inputs; the backward re-runs its forward
   (the official `checkpointing_full`; non-reentrant `torch.utils.checkpoint`).

@@ -160,6 +160,22 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, gt=0)
+    # The student backbone's blocks only, spelled as a topology's students[].activation_checkpointing:
+    # true (full), false or selective (core/models/checkpointing.py). The EMA and Gram teachers run
+    # without grad, so there is nothing of theirs to drop. The official 7B recipe: pretrain selective,
+    # gram and highres full.
+    activation_checkpointing: bool | Literal["selective"] = False
+    # torch.compile each student block (after checkpointing, before FSDP); the first steps pay the compile
+    compile: bool = False
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_value(cls, v: Any) -> Any:
+        # pydantic alone would also take "yes", "on" or 1 for true: only the three spellings the
+        # topology accepts, so one recipe reads the same in both files
+        if v is True or v is False or v == "selective":
+            return v
+        raise ValueError(f"must be true, false or selective, got {v!r}")
 
 
 class StageConfig(_Strict):

@@ -31,7 +31,13 @@ from dinodist.core.data.loader import BatchLoader
 from dinodist.core.data.sources import build_source
 from dinodist.core.errors import DinodistError
 from dinodist.core.ssl.config import Resolution, StageConfig, dump_config
-from dinodist.core.ssl.model import SSLModel, build_ssl_model, load_tower, read_teacher_export
+from dinodist.core.ssl.model import (
+    SSLModel,
+    build_ssl_model,
+    checkpoint_and_compile,
+    load_tower,
+    read_teacher_export,
+)
 from dinodist.core.ssl.optim import build_optimizer
 from dinodist.core.ssl.schedules import lr_scale_factor, scaled, schedule_value
 from dinodist.core.ssl.step import StepScalars, compute_losses
@@ -224,6 +230,7 @@ def train(
     model = build_ssl_model(cfg.model, use_gram, cfg.seed)
     if not resume:
         _load_initial_weights(model, cfg)
+    checkpoint_and_compile(model, cfg.train.activation_checkpointing, cfg.train.compile)  # before FSDP
     if device is not None:
         model.to(device)
     if world > 1:

@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from dinodist.core.errors import DinodistError
-from dinodist.core.models import build_backbone, build_head, read_state_dict
+from dinodist.core.models import (
+    apply_activation_checkpointing,
+    build_backbone,
+    build_head,
+    compile_blocks,
+    read_state_dict,
+)
 from dinodist.core.models.arch import HeadSpec, arch_dict
 from dinodist.core.ssl.config import HeadConfig, ModelConfig
 
@@ -79,6 +85,22 @@ def build_ssl_model(cfg: ModelConfig, with_gram_teacher: bool, seed: int) -> SSL
     torch.manual_seed(seed)
     model = SSLModel(cfg, with_gram_teacher)
     return model.train()
+
+
+def checkpoint_and_compile(model: SSLModel, activation_checkpointing: bool | str,
+                           compile: bool = False) -> SSLModel:
+    """Checkpoint (true/"full", "selective", false/"none") and optionally compile the student's blocks.
+
+    In place, before `shard_model`: checkpointing -> compile -> FSDP, as the distillation students, so the
+    blocks' FSDP hooks wrap the checkpointed forward and the backward's recompute runs on the weights FSDP
+    gathers again for it. The EMA and Gram teachers are left alone: they run under no_grad, where a block
+    runs its plain forward anyway, and eager as the students' EMA. Names and state-dict keys do not change,
+    so checkpoints load either way.
+    """
+    apply_activation_checkpointing(model.student.backbone, activation_checkpointing)
+    if compile:
+        compile_blocks(model.student.backbone)
+    return model
 
 
 def shard_model(model: SSLModel, mesh, param_dtype: torch.dtype | None = None) -> None:
