@@ -42,7 +42,7 @@ def official_topology_dict(device: str = "h100", global_batch: int = OFFICIAL_GL
     return {
         "name": "official-multidist",
         "cluster": {"nodes": nodes, "devices_per_node": 8, "device": device},
-        "teacher": {"arch": "vit7b16", "devices": "auto"},
+        "teacher": {"arch": "vit7b16", "devices": "auto", "shard": "auto"},
         "students": [{"name": a, "arch": a, "devices": "auto" if auto else n,
                       "activation_checkpointing": True} for a, n in split],
         "data": {"global_crop_size": 256, "local_crop_size": 112, "local_crops": 8},

@@ -3,15 +3,19 @@
 Prints, side by side in one run: (1) on random small instances (even and uneven shares), the time
 of `solve` + `hand_out_spares` and of a brute force over every integer split, their ratio, and
 whether both found the same optimum; (2) the paper topology at 256 and 512 devices with even and
-uneven per-rank batches: s/iter, images/s and the job's device-weighted wait; (3) `make_plan` time.
+uneven per-rank batches: s/iter, images/s and the job's device-weighted wait; (3) `make_plan` time;
+(4) the paper topology at 128 / 256 / 296 / 512 / 1024 devices with the teacher as written (fsdp)
+and with `teacher.shard: auto`: teacher layout, its all-gathers, the job's wait and the share of it
+that is communication, and whether any small group straddles two nodes.
 
-    python -m benchmarks.plan_allocator
+    python -m benchmarks.plan_allocator [--layouts-only]
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -54,7 +58,34 @@ def small_instances(even: bool, cases: int = 100) -> None:
           f"ms/case, ratio brute/solve x{t_brute / t_solve:.0f}")
 
 
+def teacher_layouts(sizes: tuple[int, ...] = (128, 256, 296, 512, 1024)) -> None:
+    """Task table: the teacher's layout and its communication, as written (fsdp) and chosen (auto)."""
+    print("| devices | teacher.shard | layout (ranks) | all-gathers s/iter | all-gathers / iteration "
+          "| exposed s/iter | s/iter | img/s | job wait | exposed share of device time | teacher GiB/rank "
+          "| small groups split | plan ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for devices in sizes:
+        for shard in ("fsdp", "auto"):
+            topo = load_topology(PAPER, {"teacher.shard": shard})
+            t0 = time.perf_counter()
+            plan = make_plan(topo, devices=devices)
+            dt = time.perf_counter() - t0
+            t = plan.teacher_layout
+            shape = {"fsdp": f"{t.devices}", "hsdp": f"{t.replicas} x {t.shard_size}",
+                     "replicate": f"{t.devices} copies"}[t.layout]
+            print(f"| {devices} | {shard} | {t.layout} ({shape}) | {t.communication_seconds:.3f} "
+                  f"| {100 * t.communication_seconds / plan.seconds_per_iteration:.0f} % "
+                  f"| {t.exposed_communication_seconds:.4f} | {plan.seconds_per_iteration:.3f} "
+                  f"| {plan.global_batch_size / plan.seconds_per_iteration:.0f} "
+                  f"| {100 * plan.wait_fraction:.1f} % | {100 * plan.communication_fraction:.2f} % "
+                  f"| {t.memory_per_rank_bytes / 2**30:.2f} | {', '.join(plan.split_groups) or 'none'} "
+                  f"| {1e3 * dt:.0f} |")
+
+
 def main() -> None:
+    if "--layouts-only" in sys.argv[1:]:
+        teacher_layouts()
+        return
     small_instances(True)
     small_instances(False)
     for devices in (256, 512):
@@ -80,6 +111,7 @@ def main() -> None:
         dt = (time.perf_counter() - t0) / reps
         print(f"make_plan paper topology, {devices} devices x 6 groups, even_batches {even}: "
               f"{1e3 * dt:.1f} ms ({plan.seconds_per_iteration:.4f} s/iter)")
+    teacher_layouts()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Cost model: FLOPs and memory per image and per rank for the teacher and each student group.
 
-Time. A group's iteration time is `flops_per_image * rows / flops_per_device`, rows being its
+Time. A group's compute time is `flops_per_image * rows / flops_per_device`, rows being its
 largest rank's share of the global batch G: G / devices with even batches, ceil(G / devices) with
-`train.even_batches: false`. Communication is not modelled; calibration from measured step times
-(`plan --calibrate RUN_DIR`) absorbs it into a per-group factor.
+`train.even_batches: false`. The teacher adds the all-gathers of its weights (`TeacherCostModel`:
+per layout fsdp / hsdp / replicate, from the link bandwidths in `LINK_BANDWIDTH`); the students'
+gradient reductions are not modelled. Calibration from measured step times (`plan --calibrate
+RUN_DIR`) scales a group's whole predicted time by measured / predicted.
 
 - teacher: backbone forward on the 2 global crops, plus (targets=heads) the DINO head without its
   last layer on the 2 CLS tokens and the iBOT head without its last layer on the masked patches.
@@ -27,9 +29,11 @@ the runtime's reserve (`DeviceProfile`: CUDA context, NCCL buffers, caching-allo
   (`core.losses.memory.loss_activation_bytes`, O(chunk x K)), with 0 the full fp32 logits:
   student DINO (2+n crops) x K x 3 (logits, log-softmax, grad), teacher probabilities 2 x K x 2
   (logits, Sinkhorn-Knopp), iBOT per masked patch K_ibot x 5 (same terms).
-- teacher (frozen): bf16 backbone + heads without last layers, divided by the group size under
-  FSDP (plus two all-gathered blocks); inference activations: one block's working set
-  (D residual + 3D qkv + D attention out + H or 2H FFN hidden, bf16) for the 2 global crops.
+- teacher (frozen): backbone + heads without last layers in the inference dtype (bf16 on GPU, fp32
+  on CPU) and the heads' fp32 last layers, divided by the ranks one copy is sharded over (the group
+  under fsdp, a node's ranks under hsdp, 1 replicated), plus two all-gathered FSDP units when sharded
+  (the largest: a block or a head with its last layer); inference activations: one block's working
+  set (D residual + 3D qkv + D attention out + H or 2H FFN hidden, bf16) for the 2 global crops.
 """
 
 from __future__ import annotations
@@ -335,20 +339,172 @@ def student_memory_per_rank(topo: Topology, name: str, devices: int) -> int:
     return int(state + act)
 
 
-def teacher_memory_per_rank(topo: Topology, devices: int) -> int:
-    spec = topo.teacher_spec()
-    b = largest_share(topo.train.global_batch_size, devices)
-    params = num_parameters(spec)
-    if topo.teacher.targets == "heads":
-        params += head_parameters(topo.dino_head(), spec.embed_dim, with_last_layer=False)
-        params += head_parameters(topo.ibot_head(), spec.embed_dim, with_last_layer=False)
-    fsdp = topo.teacher.shard == "fsdp"
-    state = 2 * params / (devices if fsdp else 1)
-    if fsdp:
-        state += 2 * 2 * _block_parameters(spec)
-    ffn = spec.ffn_hidden * (1 if spec.ffn_layer == "mlp" else 2)
-    act = b * 2 * num_tokens(spec, topo.data.global_crop_size) * (5 * spec.embed_dim + ffn) * 2
-    return int(state + act)
+# ---------------------------------------------------------------------------------------------
+# the teacher's layout: memory per rank and the all-gathers of its weights
+
+TEACHER_LAYOUTS = ("fsdp", "hsdp", "replicate")
+# equal time and memory (e.g. one rank): the layout with the least machinery
+_LAYOUT_PREFERENCE = ("replicate", "hsdp", "fsdp")
+
+# Link rate per device and direction, bytes/s: (inside a node, between nodes). Datasheet figures:
+# - h100, h200 (SXM, HGX/DGX nodes of 8): NVLink 4, 900 GB/s bidirectional per GPU = 450 GB/s each way
+#   (NVIDIA H100 and H200 Tensor Core GPU datasheets); one 400 Gb/s NDR InfiniBand port (ConnectX-7)
+#   per GPU = 50 GB/s (DGX H100/H200 user guide: 8 x 400 Gb/s compute fabric ports per node).
+# - a100 (SXM4): NVLink 3, 600 GB/s bidirectional = 300 GB/s each way (A100 datasheet); DGX A100: one
+#   200 Gb/s HDR port per GPU = 25 GB/s.
+# - cpu: gloo over TCP. Loopback between the ranks of one host ~5 GB/s and 10 GbE between hosts
+#   (1.25 GB/s): rough guesses, calibrate or set cluster.intra_node_gb_s / inter_node_gb_s.
+LINK_BANDWIDTH = {
+    "h100": (450e9, 50e9),
+    "h200": (450e9, 50e9),
+    "a100": (300e9, 25e9),
+    "cpu": (5e9, 1.25e9),
+}
+# What an all-gather of GB-sized buffers achieves of the link rate (NCCL's bus bandwidth): assumed,
+# not measured here; cluster.*_gb_s give the achieved figure directly.
+COLLECTIVE_EFFICIENCY = 0.8
+
+
+def link_bandwidth(topo: Topology) -> tuple[float, float]:
+    """Achieved all-gather bandwidth per rank and direction, bytes/s: (inside a node, across nodes)."""
+    c = topo.cluster
+    intra, inter = (COLLECTIVE_EFFICIENCY * b for b in LINK_BANDWIDTH[c.device])
+    if c.intra_node_gb_s is not None:
+        intra = c.intra_node_gb_s * 1e9
+    if c.inter_node_gb_s is not None:
+        inter = c.inter_node_gb_s * 1e9
+    return intra, inter
+
+
+@dataclass(frozen=True)
+class TeacherLayout:
+    """The teacher group on `devices` ranks with one layout: what it costs per iteration and per rank."""
+
+    layout: str  # fsdp | hsdp | replicate
+    devices: int
+    shard_size: int  # ranks one copy of the weights is sharded over: devices (fsdp), a node's (hsdp), 1
+    compute_seconds: float  # the largest rank's forward
+    communication_seconds: float  # the forward's all-gathers, on the wire
+    seconds: float  # iteration time: all-gathers overlapped with compute, the first block's exposed
+    memory_per_rank_bytes: int
+    fits: bool
+
+    @property
+    def replicas(self) -> int:
+        return self.devices // self.shard_size
+
+    @property
+    def exposed_communication_seconds(self) -> float:
+        """What the all-gathers add to the teacher's iteration time."""
+        return self.seconds - self.compute_seconds
+
+    def to_dict(self) -> dict:
+        return {"layout": self.layout, "devices": self.devices, "shard_size": self.shard_size,
+                "replicas": self.replicas, "compute_seconds": self.compute_seconds,
+                "communication_seconds": self.communication_seconds,
+                "exposed_communication_seconds": self.exposed_communication_seconds,
+                "seconds_per_iteration": self.seconds, "memory_per_rank_bytes": self.memory_per_rank_bytes,
+                "fits": self.fits}
+
+
+class TeacherCostModel:
+    """Time and memory of the teacher group per device count and layout (teacher/model.py:shard_teacher).
+
+    The teacher's ranks come first in the plan (ranks 0..d-1, from a node boundary), so an hsdp shard
+    group of gcd(d, devices_per_node) consecutive ranks lies inside one node. The frozen teacher runs one
+    forward per iteration and no backward: a sharded copy all-gathers its weights once per forward (each
+    rank receives (s-1)/s of them over a ring of its s shard ranks), a replicated one communicates none.
+    Bandwidth: the intra-node link when the shard group is inside one node, else the inter-node link.
+    FSDP2 issues the next block's all-gather while the current block computes, so the iteration takes
+    max(compute, all-gathers) plus the first block's all-gather, which nothing hides (1/depth of them).
+    `scale` (calibration) multiplies the whole time.
+    """
+
+    def __init__(self, topo: Topology, profile: DeviceProfile, scale: float = 1.0,
+                 global_batch: int | None = None) -> None:
+        spec = topo.teacher_spec()
+        e = activation_dtype_bytes(topo)  # also the teacher's parameter dtype (model.py:inference_dtype)
+        forward = num_parameters(spec)
+        last = 0
+        unit = _block_parameters(spec)
+        if topo.teacher.targets == "heads":
+            for h in (topo.dino_head(), topo.ibot_head()):
+                without = head_parameters(h, spec.embed_dim, with_last_layer=False)
+                whole = head_parameters(h, spec.embed_dim)
+                forward += without
+                last += whole - without
+                unit = max(unit, whole)
+        self.resident_bytes = e * forward + 4 * last  # the last layers stay fp32 (sent to the students)
+        # the last layers are sharded with their head and all-gathered with it (in bf16 on GPU: FSDP's
+        # param dtype), although the forward stops before them
+        self.gather_bytes = e * (forward + last)
+        self.unit_bytes = e * unit
+        self.units = spec.depth
+        ffn = spec.ffn_hidden * (1 if spec.ffn_layer == "mlp" else 2)
+        self.activation_bytes_per_row = 2 * num_tokens(spec, topo.data.global_crop_size) * (
+            5 * spec.embed_dim + ffn) * 2
+        self.seconds_per_row = teacher_flops_per_image(topo) / profile.flops
+        self.global_batch = global_batch or topo.train.global_batch_size
+        self.per_node = topo.cluster.devices_per_node
+        self.intra, self.inter = link_bandwidth(topo)
+        self.usable = profile.usable_bytes
+        self.requested = topo.teacher.shard
+        self.scale = scale
+
+    def shard_size(self, layout: str, devices: int) -> int:
+        if layout == "fsdp":
+            return devices
+        if layout == "hsdp":
+            return math.gcd(devices, self.per_node)
+        return 1
+
+    def layout(self, layout: str, devices: int) -> TeacherLayout:
+        s = self.shard_size(layout, devices)
+        rows = largest_share(self.global_batch, devices)
+        compute = self.seconds_per_row * rows
+        comm = 0.0
+        state = float(self.resident_bytes)
+        if s > 1:
+            bandwidth = self.intra if s <= self.per_node else self.inter
+            comm = (s - 1) / s * self.gather_bytes / bandwidth
+            state = self.resident_bytes / s + 2 * self.unit_bytes  # current + prefetched unit
+        memory = int(state + rows * self.activation_bytes_per_row)
+        seconds = self.scale * (max(compute, comm) + comm / self.units)
+        return TeacherLayout(layout, devices, s, self.scale * compute, self.scale * comm, seconds, memory,
+                             memory <= self.usable)
+
+    def candidates(self, devices: int) -> list[TeacherLayout]:
+        """The layouts `teacher.shard` allows on `devices` ranks: the forced one, or every distinct one."""
+        if self.requested != "auto":
+            return [self.layout(self.requested, devices)]
+        out = [self.layout("replicate", devices)]
+        if 1 < self.shard_size("hsdp", devices) < devices:
+            out.append(self.layout("hsdp", devices))
+        if devices > 1:
+            out.append(self.layout("fsdp", devices))
+        return out
+
+    def best(self, devices: int) -> TeacherLayout | None:
+        """The fastest layout that fits (then the least memory), None if none fits."""
+        fitting = [c for c in self.candidates(devices) if c.fits]
+        return min(fitting, key=_layout_rank, default=None)
+
+    def leanest(self, devices: int) -> TeacherLayout:
+        """The candidate with the least memory per rank (what a refusal quotes)."""
+        return min(self.candidates(devices), key=lambda c: (c.memory_per_rank_bytes, _layout_rank(c)))
+
+
+def _layout_rank(c: TeacherLayout) -> tuple[float, int, int]:
+    return c.seconds, c.memory_per_rank_bytes, _LAYOUT_PREFERENCE.index(c.layout)
+
+
+def teacher_memory_per_rank(topo: Topology, devices: int, layout: str | None = None) -> int:
+    """Memory per teacher rank with `layout` (default: `teacher.shard`; for auto the layout it picks)."""
+    model = TeacherCostModel(topo, device_profile(topo))
+    if layout is not None:
+        return model.layout(layout, devices).memory_per_rank_bytes
+    chosen = model.best(devices) or model.leanest(devices)
+    return chosen.memory_per_rank_bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,9 +579,11 @@ def calibrate(topo: Topology, run_dir: str | Path, devices: dict[str, int]) -> d
     if not run_dir.is_dir():
         raise DinodistError(f"--calibrate: run folder not found: {run_dir}")
     run_devices = dict(devices)
+    run_layout = None
     plan_file = run_dir / PLAN_FILE
     if plan_file.is_file():
         run_devices.update({g.name: g.devices for g in read_plan(plan_file).groups})
+        run_layout = (json.loads(plan_file.read_text()).get("teacher_layout") or {}).get("layout")
     profile = device_profile(topo)
     factors: dict[str, float] = {}
     for g in group_costs(topo):
@@ -439,6 +597,11 @@ def calibrate(topo: Topology, run_dir: str | Path, devices: dict[str, int]) -> d
         images = images or topo.train.global_batch_size
         # the group's step is its largest rank's: ceil(images / ranks) rows (= images / ranks when even)
         predicted = g.seconds_per_image(profile) * largest_share(round(images), run_devices[g.name])
+        if g.role == "teacher":  # plus its all-gathers, with the layout that run used
+            model = TeacherCostModel(topo, profile, global_batch=round(images))
+            d = run_devices[g.name]
+            used = model.layout(run_layout, d) if run_layout in TEACHER_LAYOUTS else model.best(d)
+            predicted = (used or model.leanest(d)).seconds
         if step > 0 and predicted > 0:
             factors[g.name] = step / predicted
     if not factors:

@@ -40,12 +40,20 @@ class PlannedGroup(_Read):
     ranks: list[int]
 
 
+class PlannedTeacherLayout(_Read):
+    """How the teacher's weights are laid out over its ranks (teacher/model.py:shard_teacher)."""
+
+    layout: Literal["fsdp", "hsdp", "replicate"]
+    shard_size: int = Field(gt=0)  # ranks one copy of the weights is spread over
+
+
 class RunPlan(_Read):
     name: str
     global_batch_size: int = Field(gt=0)
     even_batches: bool
     used_devices: int = Field(gt=0)
     groups: list[PlannedGroup]
+    teacher_layout: PlannedTeacherLayout | None = None  # plans written before layouts were chosen
 
     def group(self, name: str) -> PlannedGroup:
         for g in self.groups:

@@ -253,12 +253,65 @@ def _finish(backbone, dh, ih, kind, spec, dino_head, ibot_head, identity) -> Loa
                          ibot_head if kind == HEADS else None, identity)
 
 
-def shard_teacher(model: TeacherModel, mesh, mode: str) -> TeacherModel:
-    """FSDP2 over the teacher group (`fsdp`), or a full copy per rank (`replicate`)."""
-    if mode not in ("fsdp", "replicate"):
-        raise DinodistError(f"teacher.shard must be 'fsdp' or 'replicate', got {mode!r}")
-    if mode == "replicate" or mesh is None:
+TEACHER_LAYOUTS = ("fsdp", "hsdp", "replicate")
+
+
+def hsdp_mesh(mesh, shard_size: int):
+    """The 2-D (replicate, shard) mesh over a 1-D teacher mesh's ranks: each run of `shard_size`
+    consecutive ranks (one node's, as the plan lays the teacher out from rank 0) shards one copy.
+
+    Only the teacher's ranks run this, so the row and column groups are made with local synchronisation
+    (their members alone take part): the other groups' ranks never reach this call.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if mesh.ndim != 1:
+        raise DinodistError(f"teacher.shard: hsdp builds its 2-D mesh from a 1-D one, got {mesh.ndim}-D")
+    ranks = mesh.mesh.tolist()
+    if shard_size < 1 or len(ranks) % shard_size:
+        raise DinodistError(f"teacher.shard: hsdp shard size {shard_size} does not divide the teacher's "
+                            f"{len(ranks)} ranks")
+    grid = [ranks[i:i + shard_size] for i in range(0, len(ranks), shard_size)]
+    me = dist.get_rank()
+    row = next(r for r in grid if me in r)
+    column = [r[row.index(me)] for r in grid]
+    # every rank creates its row's group before its column's: a row's members all do that first, then
+    # each column's members have all finished their rows, so neither wait can hang
+    shard_group = dist.new_group(row, use_local_synchronization=True)
+    replicate_group = dist.new_group(column, use_local_synchronization=True)
+    out = DeviceMesh.from_group([replicate_group, shard_group], mesh.device_type, mesh=grid,
+                                mesh_dim_names=("replicate", "shard"))
+    if tuple(out.shape) != (len(grid), shard_size):  # pragma: no cover - from_group checks the grid
+        raise DinodistError(f"teacher.shard: hsdp mesh {tuple(out.shape)} is not {len(grid)} x {shard_size}")
+    return out
+
+
+def shard_teacher(model: TeacherModel, mesh, layout: str, shard_size: int | None = None) -> TeacherModel:
+    """Lay the frozen teacher out over its group: `fsdp` (FSDP2 over the group's 1-D mesh), `hsdp`
+    (FSDP2 over a 2-D (replicate, shard) mesh: sharded inside a node, replicated across nodes) or
+    `replicate` (a full copy per rank). The plan chooses (orchestrator/cost.py:TeacherCostModel).
+
+    hsdp takes a 2-D mesh as is, or builds it from the 1-D one with `shard_size` ranks per copy
+    (plan.json's teacher_layout.shard_size, gcd(teacher ranks, devices per node)). `mesh` None: one rank.
+    """
+    if layout not in TEACHER_LAYOUTS:
+        why = "the plan resolves it; pass the planned layout" if layout == "auto" else \
+            f"not one of {', '.join(TEACHER_LAYOUTS)}"
+        raise DinodistError(f"teacher.shard: {layout!r}: {why}")
+    if layout == "replicate" or mesh is None:
         return model
+    if layout == "hsdp" and mesh.ndim == 1:
+        if shard_size is None:
+            raise DinodistError("teacher.shard: hsdp needs the ranks per copy (plan.json teacher_layout."
+                                "shard_size) or a 2-D (replicate, shard) mesh")
+        if shard_size == 1:
+            return model  # one rank per copy: a replicated teacher
+        if shard_size != mesh.size():  # one copy over the whole group is fsdp on the 1-D mesh
+            mesh = hsdp_mesh(mesh, shard_size)
+    elif mesh.ndim != (2 if layout == "hsdp" else 1):
+        raise DinodistError(f"teacher.shard: {layout} needs a {2 if layout == 'hsdp' else 1}-D mesh, "
+                            f"got {mesh.ndim}-D")
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = None

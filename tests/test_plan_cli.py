@@ -39,7 +39,8 @@ def test_cli_subprocess_one_line_no_traceback():
 
 
 def test_plan_json_schema(capsys):
-    assert main(["plan", str(CONFIGS / "dinov3-paper.yaml"), "--json", "--devices", "512"]) == 0
+    paper = str(CONFIGS / "dinov3-paper.yaml")
+    assert main(["plan", paper, "--json", "--devices", "512", "--set", "teacher.shard=auto"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert isinstance(data["seconds_per_iteration"], float)
     names = [g["name"] for g in data["groups"]]
@@ -47,9 +48,14 @@ def test_plan_json_schema(capsys):
     nxt = 0
     for g in data["groups"]:
         assert {"name", "role", "arch", "devices", "ranks", "batch_per_rank", "seconds_per_iteration",
-                "wait_fraction", "memory_per_rank_bytes"} <= set(g)
+                "wait_fraction", "memory_per_rank_bytes", "placement", "communication_seconds"} <= set(g)
         assert g["role"] == ("teacher" if g["name"] == "teacher" else "student")
-        assert g["ranks"] == list(range(nxt, nxt + g["devices"]))
+        # the ranks lists are what every rank reads: groups may be reordered to keep small ones in a node
+        assert g["ranks"] == list(range(g["ranks"][0], g["ranks"][0] + g["devices"]))
+        assert g["ranks"][0] == 0 if g["role"] == "teacher" else g["ranks"][0] > 0
+        assert [r for p in g["placement"] for r in range(8 * p["node"] + p["first_local_rank"],
+                                                         8 * p["node"] + p["first_local_rank"] + p["ranks"])
+                ] == g["ranks"]
         nxt += g["devices"]
         # uneven shares (the paper topology): sizes ceil and floor of 4096 / devices
         assert g["batch_per_rank"] == -(-4096 // g["devices"])
@@ -63,6 +69,39 @@ def test_plan_json_schema(capsys):
     weighted = sum(g["devices"] * g["wait_fraction"] for g in data["groups"]) + data["idle_devices"]
     assert data["wait_fraction"] == pytest.approx(weighted / data["total_devices"], rel=1e-9)
     assert data["wait_fraction"] <= 0.03
+    assert sorted(r for g in data["groups"] for r in g["ranks"]) == list(range(nxt))
+    assert data["split_groups"] == []
+    t = data["teacher_layout"]
+    assert (t["layout"], t["requested"], t["shard_size"]) == ("replicate", "auto", 1)
+    assert t["communication_seconds"] == 0
+    assert data["communication_fraction"] == 0
+    assert {"fsdp", "replicate"} <= {x["layout"] for x in t["alternatives"]}
+    # forced fsdp: its all-gathers in the teacher's time and in the job's bubble
+    assert main(["plan", paper, "--json", "--devices", "512", "--set", "teacher.shard=fsdp"]) == 0
+    fsdp = json.loads(capsys.readouterr().out)
+    t = fsdp["teacher_layout"]
+    assert (t["layout"], t["requested"], t["replicas"]) == ("fsdp", "fsdp", 1)
+    assert t["shard_size"] == fsdp["groups"][0]["devices"]
+    assert fsdp["groups"][0]["communication_seconds"] == t["communication_seconds"] > 0.3
+    assert 0 < fsdp["communication_fraction"] < fsdp["wait_fraction"]
+    assert t["seconds_per_iteration"] == fsdp["groups"][0]["seconds_per_iteration"]
+
+
+def test_plan_prints_teacher_layout_and_placement(capsys):
+    paper = str(CONFIGS / "dinov3-paper.yaml")
+    assert main(["plan", paper, "--devices", "256", "--set", "teacher.shard=auto"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher layout: replicate (103 copies): no all-gathers" in out
+    assert "[chosen by the cost model]" in out and "also weighed: fsdp (over 103): all-gathers" in out
+    assert "placement (8 devices per node, 32 nodes):" in out
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  ") and "node" in ln}
+    assert lines["teacher"].endswith("nodes 0-11 full, node 12: local 0-6")
+    assert lines["vits16"].endswith("node 17: local 4-7")  # one node, not 12 and 13
+    assert lines["vith16plus"].endswith("nodes 20-31 full")
+    assert "note:" not in out  # the ranks apply the plan's layout (plan.json's teacher_layout)
+    assert main(["plan", paper, "--devices", "256", "--set", "teacher.shard=fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher layout: fsdp (over 103): all-gathers 0.348 s/iter" in out and "note:" not in out
 
 
 def test_even_batches_rule_stays_the_default(capsys):

@@ -1,7 +1,10 @@
 """`dinodist plan TOPOLOGY`: validate a topology and print the allocation with predicted times.
 
-Needs no GPU: device throughput and memory come from the cost model (orchestrator/cost.py),
-optionally calibrated by the step times of an earlier run.
+Needs no GPU: device throughput, memory and the teacher's all-gathers come from the cost model
+(orchestrator/cost.py), optionally calibrated by the step times of an earlier run. Besides the
+groups it prints the teacher's layout (`teacher.shard`, or the one `auto` picks, with its
+communication time and the layouts it was weighed against) and where each group's ranks sit.
+`--json` has the same under "teacher_layout" and each group's "placement".
 
 Target store cost: when the topology has a `store:` (or with `--store-cost`), the plan adds the
 store's bytes per image, per iteration, per 10^6 iterations, for the whole run and what its
