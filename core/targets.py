@@ -315,7 +315,9 @@ class P2PTargetSource:
     """Receives this student rank's rows from the teacher ranks, receives posted `depth` iterations ahead.
 
     `counts_fn(iteration)` gives the iBOT counts [r, 2] of this rank's rows (from its own masks)
-    so buffers have exact sizes before the teacher has even computed them.
+    so buffers have exact sizes before the teacher has even computed them. `wire_dtype` must be the
+    dtype the teacher sends in (both take orchestrator/runtime/jobs.py:wire_dtype); payloads arrive
+    rounded to it and are handed out as float32.
     """
 
     def __init__(self, plan: ExchangePlan, rank: int, dims: TargetDims, iterations: range,
@@ -427,6 +429,60 @@ class InlineTargetSource:
             t.tensors = {k: (v.to(self.wire_dtype).float() if v.is_floating_point() else v)
                          for k, v in t.tensors.items()}
         return t
+
+
+# ------------------------------------------------------------------------------------- timing
+
+
+class WallTimer:
+    """Intervals on the host clock: on CPU the host does the work itself, so its clock is the work's."""
+
+    def mark(self) -> float:
+        return time.perf_counter()
+
+    def ready(self, mark: float) -> bool:
+        return True
+
+    def wait(self, mark: float) -> None:
+        pass
+
+    def seconds(self, start: float, end: float) -> float:
+        return end - start
+
+
+class CudaTimer:
+    """Intervals on the device's current stream, from CUDA events recorded on it.
+
+    Under NCCL `work.wait()` makes the stream wait, not the host, and kernels are queued asynchronously:
+    host clocks around a wait or a forward measure launch times. An event's timestamp is when the stream
+    reached it. `seconds` needs both events complete, and this class never synchronises to get there
+    (that would add a host sync per iteration): callers read intervals after a sync their loop does
+    anyway (a student's one loss read), or once `ready(end)` (a non-blocking query) says so.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def mark(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def ready(self, mark: torch.cuda.Event) -> bool:
+        return mark.query()
+
+    def wait(self, mark: torch.cuda.Event) -> None:
+        """Block until the stream has passed `mark`: a sync, for the end of a run only."""
+        mark.synchronize()
+
+    def seconds(self, start: torch.cuda.Event, end: torch.cuda.Event) -> float:
+        return start.elapsed_time(end) / 1e3
+
+
+def step_timer(device: torch.device | str) -> WallTimer | CudaTimer:
+    """The clock for step and wait times on `device`: CUDA events on a CUDA device, else the host clock."""
+    device = torch.device(device)
+    return CudaTimer(device) if device.type == "cuda" else WallTimer()
 
 
 class StoreStopped(DinodistError):

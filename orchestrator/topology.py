@@ -60,6 +60,10 @@ class Cluster(_Strict):
     device: Literal["cpu", "h100", "h200", "a100", "auto"] = "cpu"
     flops_per_device: float | None = Field(None, gt=0)  # achieved FLOP/s per rank; overrides the table
     memory_per_device_gib: float | None = Field(None, gt=0)  # overrides the table / host memory share
+    # achieved all-gather bandwidth per device and direction, GB/s, inside a node and between nodes;
+    # override orchestrator/cost.py:LINK_BANDWIDTH x COLLECTIVE_EFFICIENCY (the teacher layout's cost)
+    intra_node_gb_s: float | None = Field(None, gt=0)
+    inter_node_gb_s: float | None = Field(None, gt=0)
 
     @property
     def total_devices(self) -> int:
@@ -83,7 +87,10 @@ class Teacher(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
     targets: Literal["heads", "features"] = "heads"
-    shard: Literal["fsdp", "replicate"] = "fsdp"
+    # fsdp: sharded over the whole group; hsdp: sharded inside a node, replicated across nodes; replicate:
+    # a full copy per rank; auto: the one the plan's cost model finds fastest (orchestrator/cost.py:
+    # TeacherCostModel). The default stays fsdp until the rank runtime reads the planned layout.
+    shard: Literal["auto", "fsdp", "hsdp", "replicate"] = "fsdp"
     devices: int | str = "auto"
     dino_head: HeadConfig = Field(default_factory=HeadConfig)
     ibot_head: HeadConfig = Field(default_factory=HeadConfig)
@@ -158,6 +165,10 @@ class Train(_Strict):
     # checkpoints kept per group (older ones are deleted); 2 so that a crash while the newest is being
     # written, or a torn newest one, still leaves one that every group has (resume needs a common one)
     keep_checkpoints: int = Field(2, ge=1)
+    # iterations of target sends in flight per teacher rank (and receives posted ahead per student rank).
+    # The slack that lets one group fall ~2 x prefetch_depth iterations behind without stalling the others
+    # also lets groups drift that far apart, and a whole-job resume needs a checkpoint every group still
+    # keeps: 1 keeps that drift below the small checkpoint_every of CPU runs (docs/distill.md §3)
     prefetch_depth: int = Field(1, ge=1)
     # true: every rank of a group takes G / devices rows, so each group size must divide G.
     # false: a group of d ranks splits G as evenly as possible (orchestrator.allocate.rank_rows), so
@@ -168,6 +179,10 @@ class Train(_Strict):
     # the chunked prototype losses' matmuls: auto = fp32 on CPU (exact), TF32 on CUDA; bf16 = bf16 logits
     # with an fp32 log-sum-exp
     loss_precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"
+    # dtype of the targets on the wire (teacher -> students) and of the implicit restart store:
+    # auto = bf16 on GPUs (half the bytes; the teacher computes in bf16 there anyway), fp32 on CPU (exact).
+    # Resolved once for every rank by orchestrator/runtime/jobs.py:target_dtype
+    target_dtype: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 class Metrics(_Strict):

@@ -42,7 +42,7 @@ from dinodist.core.errors import DinodistError
 from dinodist.core.models import HeadSpec, build_backbone, compile_blocks, load_backbone_state, save_backbone
 from dinodist.core.models.rope import set_rope_dtype, student_rope_dtype
 from dinodist.core.rows import loss_scale, rank_rows
-from dinodist.core.targets import HEADS, TargetSource, crop_major, masks_from_collated
+from dinodist.core.targets import HEADS, TargetSource, crop_major, masks_from_collated, step_timer
 from dinodist.core.train import preempt
 from dinodist.core.train.metrics import open_metrics, write_record
 from dinodist.core.train.optim import build_optimizer
@@ -213,18 +213,25 @@ def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str,
     # always the group itself: sinkhorn_knopp reads group=None as the whole world
     sk_group = ctx.group
     saved = first  # the iteration of the newest checkpoint of this run
+    # CUDA events on a GPU: under NCCL a receive's wait() only makes the stream wait, so the host clock
+    # would time the launch of the wait, not the wait
+    timer = step_timer(ctx.device)
     try:
         for it in range(first, job.iterations):
             t0 = time.perf_counter()
             batch = loader.get(it)
-            tw = time.perf_counter()
+            tw = timer.mark()
             tgt = targets.get(it)
-            wait = time.perf_counter() - tw
+            tw_end = timer.mark()
             masks = masks_from_collated(batch["collated_masks"])
             tgt_cm = crop_major(tgt, masks if job.kind == HEADS else None)
             own_loss, group_loss, terms = student_step(job, ctx, student, ema, optimizer, batch, tgt_cm,
                                                        last_layers, it, scale, group=sk_group)
-            step = time.perf_counter() - t0  # after the step's read: the device's time, not launch time
+            # The host clock is right for the step: it stops after the step's one read, which waits for
+            # the device, and the previous iteration's read left the device idle when t0 was taken.
+            step = time.perf_counter() - t0
+            # Both events precede that read on the stream, so they are complete: reading them adds no sync.
+            wait = timer.seconds(tw, tw_end)
             if not (math.isfinite(own_loss) and math.isfinite(group_loss)):
                 # This iteration's update (and EMA) already ran on the bad gradient; raising here, before
                 # its metrics line and checkpoint, leaves the newest checkpoint clean. Every rank of the

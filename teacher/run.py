@@ -3,7 +3,9 @@
 Pipelining: the sends of iteration t are left in flight while the teacher computes t+1; at most
 `prefetch_depth` iterations of sends are outstanding, after which the teacher blocks (the time
 it spends blocked is its `wait_seconds`: the students are the bottleneck then). Students post
-their receives one iteration ahead, so teacher compute overlaps student training.
+their receives one iteration ahead, so teacher compute overlaps student training. Under NCCL it is
+the teacher's stream that blocks, not its host, so the times come from CUDA events there
+(core.targets.step_timer), read without a sync once the stream has passed them.
 
 Target store (topology `store:`): every teacher rank also isends its row block to teacher rank 0,
 which joins the blocks into the whole global batch and appends one record per iteration (targets,
@@ -49,6 +51,7 @@ from dinodist.core.targets import (
     send_block,
     send_last_layers,
     send_transfer,
+    step_timer,
     wait_block,
 )
 from dinodist.core.train import preempt
@@ -74,13 +77,15 @@ class TeacherJob:
     out_dir: Path
     overrides: dict
     checkpoint: str | None
-    shard: str
+    shard: str  # fsdp | hsdp | replicate: the plan's layout (teacher/model.py:shard_teacher)
+    shard_size: int | None  # hsdp: ranks one copy is spread over (the plan's); None: the whole group
     dino_head: HeadSpec | None
     ibot_head: HeadSpec | None
     seed: int
     mask_prob: float
     mask_ratio: tuple[float, float]
     prefetch_depth: int
+    wire_dtype: torch.dtype  # of the targets sent to the students (their receive buffers use the same)
     store: dict | None  # {"path", "dtype", "retain": int | None, "implicit": bool}: write a target store
     # control.on_failure restart_group: a student group whose sends fail is dropped, not the teacher
     detach_failed_groups: bool
@@ -150,8 +155,10 @@ class _Sends:
     error ends the teacher, as it always did.
     """
 
-    def __init__(self, exchange: ExchangePlan, rank: int, depth: int, detach: bool) -> None:
+    def __init__(self, exchange: ExchangePlan, rank: int, depth: int, detach: bool,
+                 wire_dtype: torch.dtype = torch.float32) -> None:
         self.exchange, self.rank, self.depth, self.detach = exchange, rank, depth, detach
+        self.wire_dtype = wire_dtype
         self.in_flight: deque[dict[str, list]] = deque()
         self.detached: dict[str, int] = {}  # group -> the iteration it was dropped at
 
@@ -164,7 +171,7 @@ class _Sends:
             if group in self.detached:
                 continue
             try:
-                w, n = send_transfer(targets, tr, device)
+                w, n = send_transfer(targets, tr, device, self.wire_dtype)
             except RuntimeError as exc:
                 self._drop(group, targets.iteration, exc)
                 continue
@@ -231,7 +238,7 @@ def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh,
     loaded = load_teacher(job.arch, job.overrides, job.checkpoint, job.kind, job.dino_head, job.ibot_head,
                           job.seed, device=device)
     model = loaded.model
-    shard_teacher(model, mesh if len(teacher_ranks) > 1 else None, job.shard)
+    shard_teacher(model, mesh if len(teacher_ranks) > 1 else None, job.shard, shard_size=job.shard_size)
     source = build_source(job.source, index=job.data_index)
     store = None
     if job.store is not None and group_rank == 0:
@@ -294,7 +301,7 @@ def _serve(job: TeacherJob, exchange: ExchangePlan, rank: int, group_rank: int, 
     root = teacher_ranks[0]
     start, stop = exchange.teacher_rows(rank)
     pending = None  # rank 0 with a store: (its targets of iteration t, the posted receives of t)
-    sends = _Sends(exchange, rank, job.prefetch_depth, job.detach_failed_groups)
+    sends = _Sends(exchange, rank, job.prefetch_depth, job.detach_failed_groups, job.wire_dtype)
     if alone:
         sends.detached.update(dict.fromkeys(exchange.student_groups, first))
     stack.callback(loader.close)
@@ -306,15 +313,51 @@ def _serve(job: TeacherJob, exchange: ExchangePlan, rank: int, group_rank: int, 
         # exits first: marks the store CLOSED on success; on a failure or a preemption it stays
         # unclosed, so readers stop at its last complete record as after a crash
         stack.enter_context(store)
+    timer = step_timer(device)
+    # served iterations whose times are not known yet: (iteration, bytes, store seconds, 4 marks)
+    served: deque[tuple] = deque()
+
+    def publish(block: bool) -> None:
+        """Count, log and report each served iteration, in order, once its times are known. With host
+        clocks (CPU) that is at once. On CUDA the loop never waits for the device (no host sync), so an
+        iteration's events complete a little later and its line follows behind; `block`, at the end of
+        the run, waits for the last one."""
+        if block and served:
+            timer.wait(served[-1][-1][-1])
+        while served and timer.ready(served[0][-1][-1]):
+            it, nbytes, store_s, (m0, m_fwd, m_wait, m_end) = served.popleft()
+            forward, wait, step = (timer.seconds(m0, m_fwd), timer.seconds(m_wait, m_end),
+                                   timer.seconds(m0, m_end))
+            totals["iterations"] += 1
+            # one teacher forward per global batch: the group's ranks each run their share of it
+            totals["teacher_forwards"] += 1 if group_rank == 0 else 0
+            totals["target_bytes_sent"] += nbytes
+            totals["forward_seconds"] += forward
+            totals["wait_seconds"] += wait
+            totals["step_seconds"] += step
+            totals["store_seconds"] += store_s
+            if writer is not None:
+                write_record(writer, {"iteration": it, "step_seconds": step, "forward_seconds": forward,
+                                      "wait_seconds": wait, "images": job.global_batch,
+                                      "target_bytes_sent": nbytes, "store_seconds": store_s})
+            if report is not None:
+                cmd = report({"iteration": it, "step_seconds": step, "wait_seconds": wait,
+                              "images": stop - start, "teacher_forwards": 1 if group_rank == 0 else 0,
+                              "target_bytes_sent": nbytes})
+                if cmd == "stop":
+                    raise DinodistError(f"teacher rank {rank}: stopped by the orchestrator at iteration {it}")
+                if cmd == "preempt":
+                    preempt.request("the supervisor asked")
+
     last = False
     for it in range(first, job.iterations):
-        t0 = time.perf_counter()
+        m0 = timer.mark()
         last = _agree_last(preempt.requested(), flag_group) and it < job.iterations - 1
         batch = loader.get(it)
         targets = compute_targets(model, batch, it, start, job.kind, device)
         targets.last = last
-        forward = time.perf_counter() - t0
-        ts = time.perf_counter()
+        m_fwd = timer.mark()
+        ts = time.perf_counter()  # host work only (joining blocks, queueing the record): the host clock
         gather = []
         if job.store is not None and group_rank != 0:
             gather = send_block(targets, root, device)
@@ -329,35 +372,16 @@ def _serve(job: TeacherJob, exchange: ExchangePlan, rank: int, group_rank: int, 
                                  for src in teacher_ranks[1:]])
         store_s = time.perf_counter() - ts
         nbytes = sends.send(targets, device, gather)
-        tw = time.perf_counter()
+        m_wait = timer.mark()
         sends.wait(job.prefetch_depth, it)
-        wait = time.perf_counter() - tw
-        step = time.perf_counter() - t0
-        totals["iterations"] += 1
-        # one teacher forward per global batch: the group's ranks each run their share of it
-        totals["teacher_forwards"] += 1 if group_rank == 0 else 0
-        totals["target_bytes_sent"] += nbytes
-        totals["forward_seconds"] += forward
-        totals["wait_seconds"] += wait
-        totals["step_seconds"] += step
-        totals["store_seconds"] += store_s
-        if writer is not None:
-            write_record(writer, {"iteration": it, "step_seconds": step, "forward_seconds": forward,
-                                  "wait_seconds": wait, "images": job.global_batch,
-                                  "target_bytes_sent": nbytes, "store_seconds": store_s})
-        if report is not None:
-            cmd = report({"iteration": it, "step_seconds": step, "wait_seconds": wait,
-                          "images": stop - start, "teacher_forwards": 1 if group_rank == 0 else 0,
-                          "target_bytes_sent": nbytes})
-            if cmd == "stop":
-                raise DinodistError(f"teacher rank {rank}: stopped by the orchestrator at iteration {it}")
-            if cmd == "preempt":
-                preempt.request("the supervisor asked")
+        served.append((it, nbytes, store_s, (m0, m_fwd, m_wait, timer.mark())))
+        publish(block=False)
         if last:
             break
     if pending is not None:
         _append_record(store, job, *pending, num_samples)
     sends.wait(0, job.iterations)
+    publish(block=True)
     totals["detached"] = dict(sends.detached)
     if last:
         if store is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import traceback
 
@@ -215,3 +216,122 @@ def test_store_replay_source_gives_the_rows_of_the_live_exchange(tmp_path):
         assert (got.start, got.stop) == (4, 9)
         for k in want.tensors:
             assert torch.equal(got.tensors[k], want.tensors[k]), (it, k)
+
+
+# ------------------------------------------------------------------------------ step and wait times
+
+
+class _FakeEvent:
+    """Stands for torch.cuda.Event on a machine without CUDA: records where and when it was recorded."""
+
+    made: list[_FakeEvent] = []
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        assert enable_timing
+        self.stream, self.time_ms, self.synced = None, None, False
+        _FakeEvent.made.append(self)
+
+    def record(self, stream=None) -> None:
+        self.stream, self.time_ms = stream, 250.0 * len(_FakeEvent.made)
+
+    def query(self) -> bool:
+        return self.time_ms is not None
+
+    def synchronize(self) -> None:
+        self.synced = True
+
+    def elapsed_time(self, end: _FakeEvent) -> float:
+        return end.time_ms - self.time_ms
+
+
+def test_step_timer_is_the_host_clock_on_cpu_and_cuda_events_on_a_cuda_device(monkeypatch):
+    from dinodist.core.targets import CudaTimer, WallTimer, step_timer
+
+    wall = step_timer(torch.device("cpu"))
+    assert isinstance(wall, WallTimer) and isinstance(step_timer("cpu"), WallTimer)
+    a = wall.mark()
+    b = wall.mark()
+    assert wall.ready(b) and 0 <= wall.seconds(a, b) < 1
+    # no CUDA here: choosing and driving the CUDA timer must not touch the device (events are mocked)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", device))
+    _FakeEvent.made = []
+    for device in (torch.device("cuda"), torch.device("cuda", 1), "cuda:0"):
+        assert isinstance(step_timer(device), CudaTimer)
+    timer = step_timer(torch.device("cuda", 1))
+    start, end = timer.mark(), timer.mark()
+    assert start.stream == end.stream == ("stream of", torch.device("cuda", 1))
+    assert timer.ready(end) and timer.seconds(start, end) == 0.25  # milliseconds -> seconds
+    assert not start.synced
+    timer.wait(end)
+    assert end.synced
+
+
+class _LaggingTimer:
+    """A device clock whose marks complete `lag` marks after they are made, as CUDA events do while the
+    host runs ahead of the stream; each interval is 0.25 s per mark between its ends."""
+
+    def __init__(self, lag: int) -> None:
+        self.made, self.lag, self.waited = 0, lag, []
+
+    def mark(self) -> int:
+        self.made += 1
+        return self.made
+
+    def ready(self, mark: int) -> bool:
+        return mark <= self.made - self.lag
+
+    def wait(self, mark: int) -> None:
+        self.waited.append(mark)
+        self.lag = 0
+
+    def seconds(self, start: int, end: int) -> float:
+        return 0.25 * (end - start)
+
+
+def test_teacher_times_come_from_its_timer_and_wait_for_the_device_without_a_sync(tmp_path, monkeypatch):
+    import dinodist.teacher.run as run
+    from dinodist.orchestrator.runtime.jobs import teacher_job
+    from dinodist.orchestrator.topology import load_topology
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    topo = load_topology(os.path.join(root, "configs", "topologies", "cpu-small.yaml"),
+                         {"train.iterations": 5, "control.on_failure": "stop"})
+    timer = _LaggingTimer(lag=6)  # 4 marks per iteration: an iteration's times are known 2 iterations later
+    monkeypatch.setattr(run, "step_timer", lambda device: timer)
+    reported: list[tuple[int, int]] = []
+
+    def report(stats: dict) -> None:
+        reported.append((stats["iteration"], timer.made))
+
+    totals = run.run_teacher(teacher_job(topo, tmp_path), ExchangePlan(4, [0], {}), 0, None, None,
+                             torch.device("cpu"), report)
+    lines = [json.loads(x) for x in (tmp_path / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == [r[0] for r in reported] == list(range(5))
+    # forward: mark 1 -> 2, wait: 3 -> 4, step: 1 -> 4
+    times = {(x["forward_seconds"], x["wait_seconds"], x["step_seconds"]) for x in lines}
+    assert times == {(0.25, 0.25, 0.75)}
+    assert (totals["iterations"], totals["wait_seconds"], totals["step_seconds"]) == (5, 1.25, 3.75)
+    # iteration i is published once the device has passed it: 2 iterations later, the rest at the end
+    assert [made for _, made in reported] == [12, 16, 20, 20, 20]
+    assert timer.waited == [20]  # the one wait for the device: after the last iteration
+
+
+def test_student_wait_seconds_come_from_its_timer(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    import dinodist.students.run as run
+    from dinodist.orchestrator.runtime.inline import run_inline
+
+    timer = _LaggingTimer(lag=0)
+    monkeypatch.setattr(run, "step_timer", lambda device: timer)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    joined = dist.is_initialized()
+    try:
+        run_inline(os.path.join(root, "configs", "topologies", "cpu-small.yaml"), "tiny-vits", tmp_path, 2)
+    finally:
+        if not joined and dist.is_initialized():
+            dist.destroy_process_group()
+    lines = [json.loads(x) for x in (tmp_path / "tiny-vits" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["wait_seconds"] for x in lines] == [0.25, 0.25] and timer.made == 4
+    assert all(x["step_seconds"] > 0 for x in lines)  # the host clock, which the step's one read makes right

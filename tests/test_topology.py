@@ -150,3 +150,15 @@ def test_random_teacher_warns(caplog):
     with caplog.at_level(logging.WARNING):
         warn_if_random_teacher(topo)
     assert "RANDOMLY INITIALISED" in caplog.text
+
+
+def test_target_dtype_is_auto_by_default_and_names_its_field_when_wrong():
+    raw = small_raw()
+    assert parse_topology(raw).train.target_dtype == "auto"
+    for value in ("fp32", "bf16"):
+        raw["train"]["target_dtype"] = value
+        assert parse_topology(raw).train.target_dtype == value
+    raw["train"]["target_dtype"] = "fp16"
+    with pytest.raises(DinodistError) as info:
+        parse_topology(raw)
+    assert str(info.value).startswith("train.target_dtype: ") and "\n" not in str(info.value)

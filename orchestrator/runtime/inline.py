@@ -27,7 +27,7 @@ from dinodist.core.distributed import group_mesh
 from dinodist.core.errors import DinodistError
 from dinodist.core.net import free_port
 from dinodist.core.targets import InlineTargetSource
-from dinodist.orchestrator.runtime.jobs import student_job, teacher_job
+from dinodist.orchestrator.runtime.jobs import student_job, teacher_job, wire_dtype
 from dinodist.orchestrator.topology import check_runnable, load_topology
 from dinodist.students.run import GroupContext, train_student
 from dinodist.teacher.model import last_layers, load_teacher
@@ -62,7 +62,8 @@ def run_inline(topology: str | Path, student: str, out: str | Path | None = None
     last = last_layers(teacher) if tjob.kind == "heads" else None
     ctx = GroupContext(group, mesh, 0, 1, 0, g, device)
     try:
-        totals = train_student(sjob, InlineTargetSource(compute), last, ctx)
+        # rounded to the wire dtype the live run would send (train.target_dtype), so both stay comparable
+        totals = train_student(sjob, InlineTargetSource(compute, wire_dtype(topo)), last, ctx)
     finally:
         tloader.close()
     summary = {**totals, "teacher_forwards": totals["iterations"]}

@@ -13,6 +13,8 @@ import resource
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from dinodist.core.control.client import CONTROL_ENV
 from dinodist.core.control.thread import ControlThread
 from dinodist.core.data.augment import CropConfig
@@ -36,13 +38,36 @@ def crop_config(topo: Topology) -> CropConfig:
                       flips=d.flips)
 
 
+def target_dtype(topo: Topology) -> str:
+    """`train.target_dtype` resolved: "fp32" or "bf16", the one dtype of the targets on the wire.
+
+    Every rank resolves it here from the same topology file (the teacher for its sends, each student
+    for its receive buffers, the inline runner for its rounding), so sender and receivers cannot disagree
+    about the bytes. auto: bf16 on GPUs (NCCL), fp32 on CPU so that CPU runs stay exact.
+    """
+    chosen = topo.train.target_dtype
+    if chosen != "auto":
+        return chosen
+    return "bf16" if topo.resolved_backend() == "nccl" or topo.cluster.device != "cpu" else "fp32"
+
+
+_WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def wire_dtype(topo: Topology) -> torch.dtype:
+    return _WIRE_DTYPES[target_dtype(topo)]
+
+
 def store_settings(topo: Topology, out_dir: str | Path) -> dict | None:
     """The topology's `store:` as the teacher's StoreWriter takes it (retain "all" -> None).
 
     With `control.on_failure: restart_group` and no `store:`, the teacher still writes one, at
-    `<out>/targets` ("implicit"): a restarted group replays the iterations it missed from it. fp32, so
-    replayed targets equal the ones sent live bit for bit, and only as far back as a group can resume
-    from (its oldest kept checkpoint) plus one interval.
+    `<out>/targets` ("implicit"): a restarted group replays the iterations it missed from it, only as far
+    back as a group can resume from (its oldest kept checkpoint) plus one interval. It is written in the
+    wire's dtype (`target_dtype`), so replayed targets equal the ones the live groups received bit for
+    bit: fp32 is stored as is; bf16 stores the same round-to-nearest of the same fp32 values as the wire's
+    `.to(bfloat16)` (core/target_store/quant.py), and both decode exactly to float32. An fp32 store
+    behind a bf16 wire would give a restarted group *more* precise targets than its peers got.
     """
     path = topo.target_store_path(out_dir)
     if path is None:
@@ -52,7 +77,8 @@ def store_settings(topo: Topology, out_dir: str | Path) -> dict | None:
         return {"path": path, "dtype": topo.store.dtype, "retain": None if retain == "all" else retain,
                 "implicit": False}
     every, keep = topo.train.checkpoint_every, topo.train.keep_checkpoints
-    return {"path": path, "dtype": "fp32", "retain": (keep + 1) * every if every else None, "implicit": True}
+    return {"path": path, "dtype": target_dtype(topo), "retain": (keep + 1) * every if every else None,
+            "implicit": True}
 
 
 def data_index(out_dir: str | Path) -> str | None:
@@ -61,15 +87,23 @@ def data_index(out_dir: str | Path) -> str | None:
     return str(path) if path.is_file() else None
 
 
-def teacher_job(topo: Topology, out_dir: str | Path) -> TeacherJob:
+def teacher_job(topo: Topology, out_dir: str | Path, plan: RunPlan | None = None) -> TeacherJob:
+    """`plan`: the driver's plan, whose teacher layout (`teacher.shard: auto` resolved by the cost model)
+    the ranks apply; without one (a store check, the inline runner), the topology's `teacher.shard`."""
     t, tr, d = topo.teacher, topo.train, topo.data
+    layout = plan.teacher_layout if plan is not None else None
+    shard = layout.layout if layout is not None else t.shard
+    if shard == "auto":  # no plan to say: one process, where every layout is the same full copy
+        shard = "replicate"
     return TeacherJob(
         arch=t.arch, kind=t.targets, source=d.source, data_index=data_index(out_dir), crops=crop_config(topo),
         global_batch=tr.global_batch_size, iterations=tr.iterations, out_dir=Path(out_dir),
-        overrides=dict(t.overrides), checkpoint=t.checkpoint, shard=t.shard,
+        overrides=dict(t.overrides), checkpoint=t.checkpoint, shard=shard,
+        shard_size=layout.shard_size if layout is not None else None,
         dino_head=topo.dino_head(), ibot_head=topo.ibot_head(), seed=tr.seed,
         mask_prob=d.mask_probability, mask_ratio=tuple(d.mask_ratio),
-        prefetch_depth=tr.prefetch_depth, store=store_settings(topo, out_dir), topology=topo.name,
+        prefetch_depth=tr.prefetch_depth, wire_dtype=wire_dtype(topo), store=store_settings(topo, out_dir),
+        topology=topo.name,
         detach_failed_groups=topo.control.on_failure == "restart_group",
     )
 

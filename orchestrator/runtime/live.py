@@ -30,6 +30,7 @@ from dinodist.orchestrator.runtime.jobs import (
     student_job,
     target_dims,
     teacher_job,
+    wire_dtype,
     write_rank_record,
 )
 from dinodist.orchestrator.runtime.replay import store_source
@@ -79,7 +80,7 @@ def run_live_rank(topo: Topology, plan: RunPlan, out_dir: Path, resume: bool = F
     report = control.report if control is not None else None
     with reporting_to(control, info.rank, gp.name):
         if gp.role == "teacher":
-            totals = run_teacher(teacher_job(topo, out_dir), exchange, info.rank, pg, mesh, info.device,
+            totals = run_teacher(teacher_job(topo, out_dir, plan), exchange, info.rank, pg, mesh, info.device,
                                  report, resume_at=resume_at if resume else None, flag_group=flag_group)
         else:
             job = student_job(topo, gp.name, out_dir)
@@ -90,7 +91,7 @@ def run_live_rank(topo: Topology, plan: RunPlan, out_dir: Path, resume: bool = F
             counts = mask_counter(topo, len(data))
             source = P2PTargetSource(exchange, info.rank, target_dims(topo), range(resume_at, job.iterations),
                                      lambda it: counts(it, start, stop), info.device,
-                                     depth=topo.train.prefetch_depth)
+                                     depth=topo.train.prefetch_depth, wire_dtype=wire_dtype(topo))
             store = topo.target_store_path(out_dir)
             if topo.control.on_failure == "restart_group" and store is not None:
                 # if the teacher dies, wait for its restart on the store it writes instead of failing
@@ -125,7 +126,7 @@ def run_restarted_teacher_rank(topo: Topology, plan: RunPlan, out_dir: Path) -> 
                              "group_size": len(teacher_ranks)})
     report = control.report if control is not None else None
     with reporting_to(control, info.rank, plan.teacher.name):
-        totals = run_teacher(teacher_job(topo, out_dir), exchange_plan(plan), info.rank, pg, mesh,
+        totals = run_teacher(teacher_job(topo, out_dir, plan), exchange_plan(plan), info.rank, pg, mesh,
                              info.device, report, flag_group=flag_group, alone=True)
         write_rank_record(out_dir, info.rank, {"rank": info.rank, "group": plan.teacher.name,
                                                "role": "teacher", "restarted": True, **totals})
