@@ -205,6 +205,12 @@ class Control(_Strict):
     max_restarts: int = Field(3, ge=0)  # per student group; one more failure stops the job
     # a running rank whose iteration does not advance for this long is hung: a failure like a death
     progress_timeout_s: float | None = Field(600.0, gt=0)
+    # torch.distributed's timeout for a group's collectives (FSDP, losses): above progress_timeout_s,
+    # so a hang is the supervisor's to report (naming the rank), not a raw collective timeout
+    collective_timeout_s: float = Field(900.0, gt=0)
+    # joining the world and the students' first receive, which waits for the teacher to load: the
+    # largest, so a 7B teacher's start never trips it
+    startup_timeout_s: float = Field(1800.0, gt=0)
     grace_s: float = Field(5.0, ge=0)  # after a failure: SIGKILL ranks still alive this long after `stop`
 
     @model_validator(mode="after")
@@ -212,7 +218,23 @@ class Control(_Strict):
         if self.heartbeat_interval_s >= self.heartbeat_timeout_s:
             raise ValueError(f"heartbeat_interval_s {self.heartbeat_interval_s:g} must be below "
                              f"heartbeat_timeout_s {self.heartbeat_timeout_s:g}")
+        # the hierarchy: each level fires before the one that would hide what happened
+        chain = [("heartbeat_timeout_s", self.heartbeat_timeout_s),
+                 ("progress_timeout_s", self.progress_timeout_s),
+                 ("collective_timeout_s", self.collective_timeout_s),
+                 ("startup_timeout_s", self.startup_timeout_s)]
+        chain = [(k, v) for k, v in chain if v is not None]
+        for (a, x), (b, y) in zip(chain, chain[1:]):
+            if x >= y:
+                raise ValueError(f"{a} {x:g} must be below {b} {y:g} (heartbeat < progress < collective "
+                                 "< startup)")
         return self
+
+    def timeouts_line(self) -> str:
+        """The timeout hierarchy as `plan` prints it."""
+        progress = f"{self.progress_timeout_s:g} s" if self.progress_timeout_s is not None else "off"
+        return (f"timeouts: heartbeat {self.heartbeat_timeout_s:g} s < progress {progress} < collective "
+                f"{self.collective_timeout_s:g} s < startup {self.startup_timeout_s:g} s")
 
 
 RESTART_STORE = "targets"  # <out>/targets: the store restarted groups catch up from, when no store: is set

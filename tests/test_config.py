@@ -99,6 +99,10 @@ def test_control_is_one_schema_with_checked_fields():
     topo = parse_topology(raw)
     assert topo.control.grace_s == 1 and topo.control.register_timeout_s is None
     check_runnable(topo)  # both policies run
+    raw["control"] = {"progress_timeout_s": 1000, "collective_timeout_s": 900}
+    with pytest.raises(DinodistError, match=r"^control: progress_timeout_s 1000 must be below collective_t"):
+        parse_topology(raw)
+    assert "collective 900 s < startup 1800 s" in parse_topology(small_raw()).control.timeouts_line()
     raw["control"] = {"on_failure": "restart"}
     with pytest.raises(DinodistError, match=r"^control.on_failure: Input should be 'stop' or 'restart_gr"):
         parse_topology(raw)

@@ -64,9 +64,13 @@ def run(args: argparse.Namespace) -> int:
         if cost is not None:
             out["store_cost"] = cost
         out["runtime_refuses"] = refused
+        c = topo.control
+        out["timeouts"] = {"heartbeat_s": c.heartbeat_timeout_s, "progress_s": c.progress_timeout_s,
+                           "collective_s": c.collective_timeout_s, "startup_s": c.startup_timeout_s}
         print(json.dumps(out, indent=1))
     else:
         print(plan_table(plan))
+        print(topo.control.timeouts_line())
         if args.calibrate:
             cal = ", ".join(f"{g.name} x{g.calibration:.2f}" for g in plan.groups)
             print(f"calibrated from {args.calibrate}: {cal}")

@@ -28,9 +28,6 @@ from dinodist.students.model import StudentOptim
 from dinodist.students.run import StudentJob
 from dinodist.teacher.run import TeacherJob
 
-# joining the world: every rank of the job must have started (imports, a model build) by then
-INIT_TIMEOUT_S = 120
-
 
 def crop_config(topo: Topology) -> CropConfig:
     d = topo.data

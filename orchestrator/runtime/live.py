@@ -20,7 +20,6 @@ from dinodist.core.targets import HEADS, FailoverTargetSource, P2PTargetSource, 
 from dinodist.core.train.preempt import Preempted
 from dinodist.orchestrator.planfile import RunPlan
 from dinodist.orchestrator.runtime.jobs import (
-    INIT_TIMEOUT_S,
     data_index,
     exchange_plan,
     last_layer_shapes,
@@ -49,11 +48,13 @@ def run_live_rank(topo: Topology, plan: RunPlan, out_dir: Path, resume: bool = F
     """`resume`: continue from the newest checkpoint every group holds (from scratch when there is none);
     without it a new run starts and an earlier run's checkpoints in `out_dir` are removed. Raises
     Preempted (after checkpointing) when the run was asked to stop early."""
-    info = init_from_env(topo.resolved_backend(), timeout_s=INIT_TIMEOUT_S)
+    info = init_from_env(topo.resolved_backend(), timeout_s=topo.control.startup_timeout_s)
     if info.world_size != plan.used_devices:
         raise DinodistError(f"WORLD_SIZE is {info.world_size} but the plan of {topo.name} has "
                             f"{plan.used_devices} ranks")
-    pgs = make_subgroups([g.ranks for g in plan.groups])
+    # the world (P2P targets) keeps the startup allowance: a student's first receive waits for the
+    # teacher to load; each group's own collectives get the shorter collective timeout
+    pgs = make_subgroups([g.ranks for g in plan.groups], timeout_s=topo.control.collective_timeout_s)
     teacher_ranks = list(plan.teacher.ranks)
     # a CPU side channel for the teacher ranks' per-iteration stop vote (teacher/run.py); new_group is
     # collective over the world, so every rank creates it
@@ -113,12 +114,12 @@ def run_restarted_teacher_rank(topo: Topology, plan: RunPlan, out_dir: Path) -> 
     """A teacher rank started again after a teacher failure (`rank.py --restarted-teacher`): a world of the
     teacher ranks only (they come first in the plan, so their ranks are unchanged), which continues the
     target store the student groups follow meanwhile, and sends nothing."""
-    info = init_from_env(topo.resolved_backend(), timeout_s=INIT_TIMEOUT_S)
+    info = init_from_env(topo.resolved_backend(), timeout_s=topo.control.startup_timeout_s)
     teacher_ranks = list(plan.teacher.ranks)
     if info.world_size != len(teacher_ranks):
         raise DinodistError(f"--restarted-teacher: WORLD_SIZE is {info.world_size} but the teacher has "
                             f"{len(teacher_ranks)} ranks")
-    (pg,) = make_subgroups([teacher_ranks])
+    (pg,) = make_subgroups([teacher_ranks], timeout_s=topo.control.collective_timeout_s)
     flag_group = dist.new_group(teacher_ranks, backend="gloo") if len(teacher_ranks) > 1 else None
     mesh = group_mesh(pg, teacher_ranks, info.device.type)
     control = start_control(topo, info.rank, plan.teacher.name, "teacher",

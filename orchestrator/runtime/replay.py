@@ -24,7 +24,6 @@ from dinodist.core.targets import HEADS, ExchangePlan, StoreStopped, StoreTarget
 from dinodist.core.train.preempt import Preempted
 from dinodist.orchestrator.planfile import RunPlan
 from dinodist.orchestrator.runtime.jobs import (
-    INIT_TIMEOUT_S,
     data_index,
     reporting_to,
     start_control,
@@ -111,11 +110,11 @@ def run_replay_rank(topo: Topology, plan: RunPlan, out_dir: Path, store: str, na
         raise DinodistError("--replay needs --student NAME")
     topo.student(name)  # a clear error for a name the topology lacks
     n = plan.group(name).devices
-    info = init_from_env(topo.resolved_backend(), timeout_s=INIT_TIMEOUT_S)
+    info = init_from_env(topo.resolved_backend(), timeout_s=topo.control.startup_timeout_s)
     if info.world_size != n:
         raise DinodistError(f"WORLD_SIZE is {info.world_size} but student {name!r} has {n} devices")
     ranks = list(range(n))
-    (pg,) = make_subgroups([ranks])
+    (pg,) = make_subgroups([ranks], timeout_s=topo.control.collective_timeout_s)
     ckpt_dir = Path(out_dir) / name / "ckpt"
     resume_at = agree_resume_point(ckpt_dir, topo.train.iterations, info.device) if resume else 0
     if info.rank == 0:
