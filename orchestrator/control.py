@@ -17,6 +17,11 @@ places. Every other group keeps running. A failure in a group that is not restar
 restart too many, is handled as under `stop`.
 The settings (`bind`, `port`, `secret_env`, heartbeat and register timeouts, `on_failure`,
 `grace_s`) and their defaults are the topology's `control:` section (orchestrator/topology.py).
+
+Authentication (core/control/messages.py): every message is signed with the key of the rank it
+concerns, derived from the job secret this server holds (`rank_key`); the launcher hands each rank
+its own key (`rank_env`), never the secret. Bad frames, forgeries and replays are counted in
+`rejected` by category and logged once per peer, never more than a few lines a minute.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import queue
 import socket
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
@@ -34,6 +39,7 @@ from typing import Any, Literal, Protocol
 import zmq
 
 from dinodist.core.control import messages as m
+from dinodist.core.control.client import KEY_ENV
 from dinodist.core.errors import DinodistError
 from dinodist.core.procs import pid_alive
 from dinodist.core.train.preempt import PREEMPTED_EXIT
@@ -58,6 +64,8 @@ class RankState:
     last_seen: float | None = None  # time.monotonic() of the last valid message
     iteration: int = -1
     progress_at: float | None = None  # time.monotonic() when `iteration` last advanced (or registration)
+    # since when the server waits for this rank to register (the start, or its group's restart)
+    expected_since: float = field(default_factory=time.monotonic)
     last: m.Heartbeat | m.Done | None = None
     reason: str | None = None
     exit_code: int | None = None
@@ -76,6 +84,11 @@ class ControlEvent:
 
 def _who(rank: int, group: str) -> str:
     return f"rank {rank} (group {group})"
+
+
+_MAX_PEERS_REMEMBERED = 4096  # peers whose first rejection was logged; the oldest are forgotten
+_PEER_LINES_PER_WINDOW = 20  # first-rejection lines per window, however many new peers turn up
+_LOG_WINDOW_S = 60.0  # suppressed rejections are summed up in one line per window
 
 
 class ControlServer:
@@ -103,11 +116,15 @@ class ControlServer:
         self.restartable = frozenset(restartable) if on_failure == "restart_group" else frozenset()
         self.group_failures: deque[tuple[str, str]] = deque()
         self._restarting: set[str] = set()
-        self.secret = secret.encode() if isinstance(secret, str) else secret
         loopback = m.is_loopback(bind)
-        if not loopback and not self.secret:
+        if secret is None and not loopback:
+            # ranks on other hosts are started by launch files, which cannot learn a secret made here
             raise DinodistError(f"control.bind: {bind} is not a loopback address, so a shared secret is "
                                 "required (set control.secret_env)")
+        # The job secret: every rank's key derives from it. Generated when none is given (local runs,
+        # where this process's launcher hands each rank its key); it never leaves this process.
+        self.secret = m.check_secret(secret) if secret is not None else m.new_job_secret()
+        self._keys: dict[int, bytes] = {}
         self.bind = bind
         self.heartbeat_timeout_s = heartbeat_timeout if heartbeat_timeout is not None else heartbeat_timeout_s
         self.register_timeout_s = register_timeout_s
@@ -120,7 +137,12 @@ class ControlServer:
         self._failed_at: float | None = None
         # Pids are only meaningful on this host; with a loopback bind every rank is local.
         self._check_pids = loopback
-        self._replay = m.ReplayGuard(max_clock_skew_s) if self.secret else None
+        self._replay = m.ReplayGuard(max_clock_skew_s)
+        self._peers: OrderedDict[bytes, int] = OrderedDict()  # peer identity -> rejections
+        self._peer_lines = 0
+        self._suppressed: Counter[str] = Counter()
+        self._suppressed_peers: set[bytes] = set()
+        self._log_window_at = time.monotonic()
         self._states: dict[int, RankState] = {
             int(r): RankState(rank=int(r), group=g) for r, g in (expected or {}).items()
         }
@@ -185,6 +207,36 @@ class ControlServer:
                 return []
             return sorted(r for r, st in self._states.items() if st.exit_code is None)
 
+    # ---- keys ------------------------------------------------------------------------------
+
+    def rank_key(self, rank: int, group: str | None = None) -> bytes:
+        """The key rank `rank` signs with (its group: the topology's, unless given)."""
+        with self._lock:
+            st = self._states.get(rank)
+            if group is None:
+                if st is None:
+                    raise DinodistError(f"control rank_key: rank {rank} is not in the topology; "
+                                        "name its group")
+                group = st.group
+            return m.rank_key(self.secret, rank, group)
+
+    def rank_env(self, rank: int) -> dict[str, str]:
+        """What the launcher adds to rank `rank`'s environment: its key, which the rank's client reads
+        (core.control.client.rank_key_from_env). The job secret itself is never passed."""
+        return {KEY_ENV: self.rank_key(rank).hex()}
+
+    def _key_for(self, rank: int, group: str) -> bytes | None:
+        st = self._states.get(rank)
+        if st is None:
+            # Not cached: unauthenticated frames choose these identities, and must not grow memory.
+            return None if self._expected_only else m.rank_key(self.secret, rank, group)
+        if st.group != group:
+            return None
+        key = self._keys.get(rank)
+        if key is None:
+            key = self._keys[rank] = m.rank_key(self.secret, rank, group)
+        return key
+
     # ---- commands --------------------------------------------------------------------------
 
     def send(self, rank: int, command: str) -> int:
@@ -223,7 +275,8 @@ class ControlServer:
         if st.identity is None:
             return
         try:
-            self._sock.send_multipart([st.identity, *m.encode(msg, self.secret)], flags=zmq.NOBLOCK)
+            frames = m.encode(msg, self._key_for(st.rank, st.group) or b"", st.rank, st.group)
+            self._sock.send_multipart([st.identity, *frames], flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # peer gone (EHOSTUNREACH) or its queue full (EAGAIN)
             self.rejected["send_failed"] += 1
             log.warning("control: could not send %s to %s: %s", msg.kind, _who(st.rank, st.group), exc)
@@ -237,51 +290,99 @@ class ControlServer:
             self._drain_outbox()
         if self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
             for _ in range(10_000):  # bounded so a flood cannot starve the liveness check
-                parts = self._recv()
-                if parts is None:
+                received = self._recv()
+                if received is None:
                     break
+                parts, address = received
                 with self._lock:
-                    accepted += self._handle(parts)
+                    accepted += self._handle(parts[0], parts[1:], address)
         with self._lock:
             self._check_liveness()
             self._drain_outbox()
+            self._log_suppressed()
         return accepted
 
-    def _recv(self) -> list[bytes] | None:
+    def _recv(self) -> tuple[list[bytes], str | None] | None:
         try:
-            parts = [self._sock.recv(zmq.NOBLOCK)]
+            first = self._sock.recv(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
+        parts, extra = [first.bytes], 0
         while self._sock.getsockopt(zmq.RCVMORE):
             part = self._sock.recv()
-            if len(parts) < 4:
+            if len(parts) < 4:  # the peer's identity and the three frames of a message
                 parts.append(part)
             else:
-                parts = parts[:1] + [b"", b"", b"", b""]  # too many frames: decode rejects it
-        return parts
-
-    def _reject(self, reason: str, detail: str) -> None:
-        self.rejected[reason] += 1
-        n = self.rejected[reason]
-        if n <= 10 or n % 1000 == 0:
-            log.warning("control: rejected message (%s, #%d): %s", reason, n, detail)
-
-    def _handle(self, parts: list[bytes]) -> int:
-        identity, frames = parts[0], parts[1:]
+                extra += 1
+        if extra:
+            parts = parts[:1] + [b""] * (3 + extra)  # too many frames: decode rejects it
         try:
-            msg = m.decode(frames, self.secret, self._replay)
+            address = first.get("Peer-Address")
+        except (zmq.ZMQError, AttributeError):  # no address on this transport
+            address = None
+        return parts, address
+
+    def _reject(self, reason: str, detail: str, peer: bytes = b"", address: str | None = None) -> None:
+        """Count a rejected message; log the first one of each peer (a zmq connection), with a cap on
+        lines per window so that peers reconnecting in a loop cannot flood the log either."""
+        self.rejected[reason] += 1
+        seen = self._peers.get(peer)
+        if seen is None and self._peer_lines < _PEER_LINES_PER_WINDOW:
+            self._peer_lines += 1
+            self._peers[peer] = 1
+            while len(self._peers) > _MAX_PEERS_REMEMBERED:
+                self._peers.popitem(last=False)
+            log.warning("control: rejected a message from %s (%s): %s; further rejections from this peer "
+                        "are only counted", self._peer_name(peer, address), reason, detail)
+            return
+        if seen is not None:
+            self._peers[peer] = seen + 1
+            self._peers.move_to_end(peer)
+        self._suppressed[reason] += 1
+        if len(self._suppressed_peers) < _MAX_PEERS_REMEMBERED:  # only for the summary's count
+            self._suppressed_peers.add(peer)
+
+    @staticmethod
+    def _peer_name(peer: bytes, address: str | None) -> str:
+        return f"peer {address or '?'} (id {peer.hex() or '-'})"
+
+    def _log_suppressed(self) -> None:
+        now = time.monotonic()
+        if now - self._log_window_at < _LOG_WINDOW_S:
+            return
+        if self._suppressed:
+            reasons = ", ".join(f"{r} {n}" for r, n in self._suppressed.most_common())
+            log.warning("control: %d more rejected messages from %d peers in the last %.0f s (%s)",
+                        sum(self._suppressed.values()), len(self._suppressed_peers),
+                        now - self._log_window_at, reasons)
+        self._suppressed.clear()
+        self._suppressed_peers.clear()
+        self._peer_lines = 0
+        self._log_window_at = now
+
+    def rejected_counts(self) -> dict[str, int]:
+        """A copy of `rejected` (reason -> messages), safe from any thread (the metrics exporter)."""
+        with self._lock:
+            return dict(self.rejected)
+
+    def _handle(self, identity: bytes, frames: list[bytes], address: str | None = None) -> int:
+        try:
+            msg = m.decode(frames, self._key_for, self._replay)
         except m.Rejected as exc:
-            self._reject(exc.reason, exc.detail)
+            self._reject(exc.reason, exc.detail, identity, address)
+            return 0
+        except Exception as exc:  # a check that broke on input nobody foresaw: still only this frame
+            self._reject("error", f"{type(exc).__name__}: {exc}", identity, address)
             return 0
         if isinstance(msg, m.CommandMsg):
-            self._reject("direction", "a rank sent a command")
+            self._reject("direction", "a rank sent a command", identity, address)
             return 0
         if isinstance(msg, m.Register):
-            return self._on_register(identity, msg)
+            return self._on_register(identity, msg, address)
         st = self._states.get(msg.rank)
         if st is None or st.session != msg.session or st.group != msg.group:
             self._reject("session", f"{msg.kind} from {_who(msg.rank, msg.group)} "
-                                    "without a matching register")
+                                    "without a matching register", identity, address)
             return 0
         st.identity = identity  # a reconnecting DEALER gets a new identity from the ROUTER
         st.last_seen = time.monotonic()
@@ -290,7 +391,8 @@ class ControlServer:
                 st.acked_commands.add(msg.ref)
             return 1
         if st.status in ("dead", "error", "done"):
-            self._reject("late", f"{msg.kind} from {_who(st.rank, st.group)} after it was {st.status}")
+            self._reject("late", f"{msg.kind} from {_who(st.rank, st.group)} after it was {st.status}",
+                         identity, address)
             return 0
         if isinstance(msg, m.Heartbeat | m.Done):
             # Out-of-order heartbeats must not move the rank backwards.
@@ -313,19 +415,23 @@ class ControlServer:
             self.on_message(msg)
         return 1
 
-    def _on_register(self, identity: bytes, msg: m.Register) -> int:
+    def _on_register(self, identity: bytes, msg: m.Register, address: str | None = None) -> int:
+        # decode() has checked that the message is signed with this rank's key (for a rank in the
+        # topology, with its group), so what follows is bookkeeping, not authentication
         st = self._states.get(msg.rank)
         if st is None and self._expected_only:
-            self._reject("unexpected", f"{_who(msg.rank, msg.group)} is not in the topology")
+            self._reject("unexpected", f"{_who(msg.rank, msg.group)} is not in the topology", identity,
+                         address)
             return 0
         if st is not None and st.group != msg.group:
             self._reject("unexpected", f"rank {msg.rank} registered as group {msg.group}, "
-                                       f"the topology says {st.group}")
+                                       f"the topology says {st.group}", identity, address)
             return 0
         if st is None:
             st = self._states[msg.rank] = RankState(rank=msg.rank, group=msg.group)
         if st.status in ("dead", "error", "done") and st.session != msg.session:
-            self._reject("late", f"{_who(st.rank, st.group)} registered again after it was {st.status}")
+            self._reject("late", f"{_who(st.rank, st.group)} registered again after it was {st.status}",
+                         identity, address)
             return 0
         repeat = st.session == msg.session
         st.identity = identity
@@ -423,7 +529,7 @@ class ControlServer:
                     self._declare_dead(st, f"{_who(st.rank, st.group)} made no progress for "
                                            f"{self.progress_timeout_s:g} s (at {at})")
             elif (st.status == "expected" and self.register_timeout_s is not None
-                  and now - self._started > self.register_timeout_s):
+                  and now - st.expected_since > self.register_timeout_s):
                 self._declare_dead(st, f"{_who(st.rank, st.group)} did not register within "
                                        f"{self.register_timeout_s:g} s")
 
@@ -491,7 +597,8 @@ class ControlServer:
 
 def server_from_config(cfg: Control, expected: Mapping[int, str], **kwargs: Any) -> ControlServer:
     """A server for a topology's `control:` section (orchestrator/topology.py:Control, the one schema
-    of these settings and where their defaults are stated)."""
+    of these settings and where their defaults are stated). The job secret comes from the variable
+    `secret_env` names; without one the server makes its own."""
     secret = m.secret_from_env(cfg.secret_env) if cfg.secret_env else None
     return ControlServer(cfg.bind, cfg.port, secret, cfg.heartbeat_timeout_s, expected,
                          on_failure=cfg.on_failure, register_timeout_s=cfg.register_timeout_s,

@@ -1,7 +1,8 @@
 """Local GPU discovery and sampling through NVML (nvidia-ml-py); an empty answer on CPU machines.
 
 Indices are NVML's (PCI bus order). CUDA numbers devices the same way only with
-CUDA_DEVICE_ORDER=PCI_BUS_ID, which the launcher sets for that reason.
+CUDA_DEVICE_ORDER=PCI_BUS_ID, which the launcher sets for that reason. The quantities read per
+device are the ones ranks send with their heartbeats (core/control/telemetry.py:read_device).
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import logging
 import os
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
+
+from dinodist.core.control.telemetry import in_bounds, load_nvml, read_device
 
 log = logging.getLogger("dinodist.gpu")
 
@@ -29,20 +33,30 @@ class GpuSample:
     index: int
     utilization_ratio: float  # fraction of the last sample period a kernel ran, 0..1
     memory_used_bytes: int
+    # None: the device or the binding cannot tell (never a made-up zero)
+    memory_total_bytes: int | None = None
+    power_watts: float | None = None
+    temperature_celsius: float | None = None
+    throttle_reasons: int | None = None  # NVML bitmask; core/control/telemetry.py:THROTTLE_REASONS
+    ecc_corrected_total: int | None = None
+    ecc_uncorrected_total: int | None = None
+
+    def telemetry(self) -> dict[str, Any]:
+        """The reading under its heartbeat field names, for `MetricsExporter.update_gpu(group, rank,
+        **sample.telemetry())`."""
+        return {"gpu_utilization_ratio": self.utilization_ratio,
+                "gpu_memory_used_bytes": self.memory_used_bytes,
+                "gpu_memory_total_bytes": self.memory_total_bytes, "gpu_power_watts": self.power_watts,
+                "gpu_temperature_celsius": self.temperature_celsius,
+                "gpu_throttle_reasons": self.throttle_reasons,
+                "gpu_ecc_corrected_total": self.ecc_corrected_total,
+                "gpu_ecc_uncorrected_total": self.ecc_uncorrected_total}
 
 
 def _nvml() -> ModuleType | None:
     global _NVML
-    if _NVML is not None:
-        return _NVML
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception as exc:  # ImportError, or NVMLError when there is no driver/library
-        log.debug("gpu: NVML unavailable: %s", exc)
-        return None
-    _NVML = pynvml
+    if _NVML is None:
+        _NVML = load_nvml()  # None again without NVML: the next call tries again, cheaply
     return _NVML
 
 
@@ -84,7 +98,8 @@ def discover() -> list[GpuInfo]:
 
 
 def sample(indices: list[int]) -> list[GpuSample]:
-    """Utilisation and memory in use for the given NVML indices; devices that fail are left out."""
+    """Readings of the given NVML indices; a device whose utilisation or memory cannot be read is
+    left out, and any other quantity it cannot give is None."""
     nvml = _nvml()
     if nvml is None:
         return []
@@ -92,11 +107,18 @@ def sample(indices: list[int]) -> list[GpuSample]:
     for i in indices:
         try:
             handle = nvml.nvmlDeviceGetHandleByIndex(i)
-            util = nvml.nvmlDeviceGetUtilizationRates(handle)
-            mem = nvml.nvmlDeviceGetMemoryInfo(handle)
         except nvml.NVMLError as exc:
             log.warning("gpu: cannot sample GPU %d: %s", i, exc)
             continue
-        out.append(GpuSample(index=i, utilization_ratio=float(util.gpu) / 100.0,
-                             memory_used_bytes=int(mem.used)))
+        r = in_bounds(read_device(nvml, handle))
+        if r["gpu_utilization_ratio"] is None or r["gpu_memory_used_bytes"] is None:
+            log.warning("gpu: cannot sample GPU %d: no utilisation or memory reading", i)
+            continue
+        out.append(GpuSample(index=i, utilization_ratio=r["gpu_utilization_ratio"],
+                             memory_used_bytes=r["gpu_memory_used_bytes"],
+                             memory_total_bytes=r["gpu_memory_total_bytes"], power_watts=r["gpu_power_watts"],
+                             temperature_celsius=r["gpu_temperature_celsius"],
+                             throttle_reasons=r["gpu_throttle_reasons"],
+                             ecc_corrected_total=r["gpu_ecc_corrected_total"],
+                             ecc_uncorrected_total=r["gpu_ecc_uncorrected_total"]))
     return out

@@ -5,18 +5,23 @@ largest total already seen for that rank's session: a repeated, late or reordere
 nothing, and a dropped one is made up by the next. The iteration histogram observes each
 (group, iteration) once, whichever rank reports it first.
 
-GPU gauges exist only once a GPU value has been reported: on CPU they are absent, not zero.
+Device series (GPU utilisation, memory, power, temperature, throttle reasons, ECC and Xid counts,
+torch's peak allocation) exist only once a rank has reported them: on CPU, or without NVML, they
+are absent, not zero. They are built at scrape time from each rank's latest report.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from dinodist.core.control import messages as m
+from dinodist.core.control.telemetry import THROTTLE_REASONS
 from dinodist.core.errors import DinodistError
 
 # From tiny CPU runs (~0.05 s/it) to the paper's 7B teacher over many GPUs (tens of seconds).
@@ -31,6 +36,102 @@ _COUNTED = {
     "teacher_forwards_total": "teacher_forwards",
     "target_bytes_sent_total": "target_bytes",
 }
+
+# telemetry field (core/control/messages.py:Telemetry) -> gauge name and help; base units throughout
+_DEVICE_GAUGES = {
+    "gpu_utilization_ratio": ("dinodist_gpu_utilization_ratio",
+                              "Fraction of time a kernel ran on the rank's GPU."),
+    "gpu_memory_used_bytes": ("dinodist_gpu_memory_used_bytes",
+                              "GPU memory in use on the rank's GPU, all processes (NVML)."),
+    "gpu_memory_total_bytes": ("dinodist_gpu_memory_total_bytes", "GPU memory of the rank's GPU (NVML)."),
+    "gpu_power_watts": ("dinodist_gpu_power_watts", "Power draw of the rank's GPU."),
+    "gpu_temperature_celsius": ("dinodist_gpu_temperature_celsius", "Core temperature of the rank's GPU."),
+    "gpu_last_xid": ("dinodist_gpu_last_xid", "Code of the last critical Xid event on the rank's GPU."),
+    "torch_peak_allocated_bytes": ("dinodist_torch_peak_allocated_bytes",
+                                   "Peak memory allocated by torch on the rank's device "
+                                   "(torch.cuda.max_memory_allocated)."),
+}
+GPU_TELEMETRY_KEYS = frozenset(m.TELEMETRY_KEYS)
+
+
+class _DeviceCollector:
+    """Each rank's latest device telemetry, turned into metric families at scrape time; a family with
+    no rank reporting it is not emitted at all (no HELP/TYPE lines either)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latest: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def update(self, group: str, rank: str, values: Mapping[str, Any], replace: bool) -> None:
+        with self._lock:
+            current = {} if replace else dict(self._latest.get((group, rank), {}))
+            current.update(values)
+            current = {k: v for k, v in current.items() if v is not None}
+            if current:
+                self._latest[(group, rank)] = current
+            else:
+                self._latest.pop((group, rank), None)
+
+    def describe(self) -> list[Metric]:
+        return []  # names are dynamic (absent until reported): nothing to reserve in the registry
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            latest = sorted(self._latest.items())
+        for key, (name, help_text) in _DEVICE_GAUGES.items():
+            family = GaugeMetricFamily(name, help_text, labels=["group", "rank"])
+            for (group, rank), values in latest:
+                if key in values:
+                    family.add_metric([group, rank], values[key])
+            if family.samples:
+                yield family
+        throttle = GaugeMetricFamily(
+            "dinodist_gpu_throttle_reasons",
+            "1 while NVML reports this clocks-event (throttle) reason on the rank's GPU, else 0.",
+            labels=["group", "rank", "reason"])
+        ecc = CounterMetricFamily("dinodist_gpu_ecc_errors", "ECC errors on the rank's GPU since its driver "
+                                  "loaded (NVML volatile counts).", labels=["group", "rank", "type"])
+        xid = CounterMetricFamily("dinodist_gpu_xid_errors", "Critical Xid events on the rank's GPU since "
+                                  "the rank started.", labels=["group", "rank"])
+        for (group, rank), values in latest:
+            mask = values.get("gpu_throttle_reasons")
+            if mask is not None:
+                for bit, reason in THROTTLE_REASONS.items():
+                    throttle.add_metric([group, rank, reason], 1 if mask & bit else 0)
+                unknown = mask & ~sum(THROTTLE_REASONS)
+                throttle.add_metric([group, rank, "other"], 1 if unknown else 0)
+            for field, kind in (("gpu_ecc_corrected_total", "corrected"),
+                                ("gpu_ecc_uncorrected_total", "uncorrected")):
+                if field in values:
+                    ecc.add_metric([group, rank, kind], values[field])
+            if "gpu_xid_errors_total" in values:
+                xid.add_metric([group, rank], values["gpu_xid_errors_total"])
+        for family in (throttle, ecc, xid):
+            if family.samples:
+                yield family
+
+
+# what ControlServer.rejected counts; each starts at 0, so rate() and alerts have a first sample
+_REJECT_REASONS = ("oversize", "malformed", "version", "unexpected", "mac", "invalid", "identity", "stale",
+                   "replay", "session", "late", "direction", "error", "send_failed")
+
+
+class _RejectedCollector:
+    """The control server's rejected-message counts, read at scrape time."""
+
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self._counts = counts
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("dinodist_control_rejected_messages", "Control-plane messages rejected "
+                                     "(bad frames, forged or replayed messages...), by reason.",
+                                     labels=["reason"])
+        for reason, n in sorted({**dict.fromkeys(_REJECT_REASONS, 0), **self._counts()}.items()):
+            family.add_metric([reason], n)
+        yield family
 
 
 class MetricsExporter:
@@ -63,8 +164,8 @@ class MetricsExporter:
         self.attached = Gauge("dinodist_group_attached", "1 while a student group is running (live or "
                               "catching up from the target store), 0 between its failure and its restart.",
                               ["group"], registry=r)
-        self.gpu_utilization: Gauge | None = None
-        self.gpu_memory: Gauge | None = None
+        self._devices = _DeviceCollector()
+        r.register(self._devices)
         # (rank, session) -> largest cumulative value seen per counted field
         self._seen: dict[int, dict[str, dict[str, float]]] = {}
         self._hist_iteration: dict[str, int] = {}
@@ -107,8 +208,10 @@ class MetricsExporter:
             self._loss_iteration[group] = msg.iteration
             for term, value in msg.losses.items():
                 self.loss.labels(group=group, term=term).set(value)
-        if msg.gpu_utilization_ratio is not None or msg.gpu_memory_used_bytes is not None:
-            self.update_gpu(group, msg.rank, msg.gpu_utilization_ratio, msg.gpu_memory_used_bytes)
+        telemetry = {k: getattr(msg, k) for k in m.TELEMETRY_KEYS}
+        if any(v is not None for v in telemetry.values()):
+            # a rank sends its whole telemetry set each time: what it left out became unknown
+            self._devices.update(group, rank, telemetry, replace=True)
         self.rank_up.labels(group=group, rank=rank).set(0 if isinstance(msg, m.Done) else 1)
 
     def record_restart(self, group: str) -> None:
@@ -119,21 +222,24 @@ class MetricsExporter:
         self.restarts.labels(group=group)
         self.attached.labels(group=group).set(1 if attached else 0)
 
-    def update_gpu(self, group: str, rank: int, utilization_ratio: float | None,
-                   memory_used_bytes: int | None) -> None:
-        """Set a rank's GPU gauges (from a heartbeat, or from `orchestrator.gpu.sample` locally)."""
-        if utilization_ratio is not None:
-            if self.gpu_utilization is None:
-                self.gpu_utilization = Gauge("dinodist_gpu_utilization_ratio",
-                                             "Fraction of time a kernel ran on the rank's GPU.",
-                                             ["group", "rank"], registry=self.registry)
-            self.gpu_utilization.labels(group=group, rank=str(rank)).set(utilization_ratio)
-        if memory_used_bytes is not None:
-            if self.gpu_memory is None:
-                self.gpu_memory = Gauge("dinodist_gpu_memory_used_bytes",
-                                        "GPU memory in use on the rank's GPU.", ["group", "rank"],
-                                        registry=self.registry)
-            self.gpu_memory.labels(group=group, rank=str(rank)).set(memory_used_bytes)
+    def update_gpu(self, group: str, rank: int, utilization_ratio: float | None = None,
+                   memory_used_bytes: int | None = None, **telemetry: float | None) -> None:
+        """Set some of a rank's device gauges (heartbeats do this themselves; the driver may call it with
+        `orchestrator.gpu.sample`'s readings, `**s.telemetry()`). Keys are `messages.Telemetry`'s
+        fields; None leaves a gauge as it is."""
+        values = {"gpu_utilization_ratio": utilization_ratio, "gpu_memory_used_bytes": memory_used_bytes,
+                  **telemetry}
+        unknown = set(values) - GPU_TELEMETRY_KEYS
+        if unknown:
+            raise DinodistError(f"update_gpu: unknown telemetry field {sorted(unknown)[0]!r}")
+        given = {k: v for k, v in values.items() if v is not None}
+        if given:
+            self._devices.update(group, str(rank), given, replace=False)
+
+    def track_rejections(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """Export `dinodist_control_rejected_messages_total{reason}` from `counts()` (pass
+        `ControlServer.rejected_counts`), read at every scrape."""
+        self.registry.register(_RejectedCollector(counts))
 
     def observe_message(self, msg: Any) -> None:
         """Feed every accepted control message here (`ControlServer(on_message=...)`)."""

@@ -1,4 +1,5 @@
-"""Control plane over real loopback zmq sockets: validation, authentication, liveness, stop policy."""
+"""Control plane over real loopback zmq sockets: validation, authentication, liveness, stop policy.
+Forgeries, replays and per-peer logging have their own file, tests/test_auth.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import zmq
 
 from dinodist.core.control import messages as m
-from dinodist.core.control.client import ControlClient
+from dinodist.core.control.client import KEY_ENV, ControlClient
 from dinodist.core.errors import DinodistError
 from dinodist.orchestrator.control import ControlServer, server_from_config, supervise
 from dinodist.orchestrator.topology import Control
@@ -38,6 +39,17 @@ def raw_dealer(address: str) -> zmq.Socket:
     return sock
 
 
+def signed(key: bytes, rank: int, group: str, payload: dict | bytes) -> list[bytes]:
+    """The frames of one message as a peer holding `key` would send them, for any payload."""
+    body = payload if isinstance(payload, bytes) else msgpack.packb(payload)
+    head = m.header(rank, group)
+    return [head, body, m.sign(key, head, body)]
+
+
+def client(srv: ControlServer, rank: int, group: str, **kwargs) -> ControlClient:
+    return ControlClient(srv.address, rank, group, key=srv.rank_key(rank, group), **kwargs)
+
+
 def register_dict(rank: int = 0, group: str = "g", session: str | None = None) -> dict:
     return m.Register(**m.stamp(), kind="register", rank=rank, group=group,
                       session=session or m.new_session(), seq=1, role="student", pid=os.getpid(),
@@ -55,42 +67,64 @@ def test_oversize_frames_are_never_unpacked(monkeypatch):
     calls = []
     real = m.msgpack.unpackb
     monkeypatch.setattr(m.msgpack, "unpackb", lambda *a, **k: calls.append(1) or real(*a, **k))
-    big = msgpack.packb({**register_dict(), "hostname": "x" * m.MAX_FRAME_BYTES})
+    key = m.rank_key(b"s" * 32, 0, "g")
+
+    def keys(rank, group):
+        return key
+
+    big = signed(key, 0, "g", {**register_dict(), "hostname": "x" * m.MAX_FRAME_BYTES})
     with pytest.raises(m.Rejected) as exc:
-        m.decode([big])
+        m.decode(big, keys, m.ReplayGuard())
     assert exc.value.reason == "oversize" and calls == []
     # Under the byte cap but over the structural limits: refused by msgpack itself.
     wide = msgpack.packb({str(i): i for i in range(m.MAX_LOSS_TERMS + 100)})
     assert len(wide) < m.MAX_FRAME_BYTES
     with pytest.raises(m.Rejected, match="malformed"):
-        m.decode([wide])
+        m.decode(signed(key, 0, "g", wide), keys, m.ReplayGuard())
     assert len(calls) == 1
-    ok = m.encode(m.Register.model_validate(register_dict()))
-    assert m.decode(ok).kind == "register"
+    # Nesting deeper than msgpack's stack, inside the byte cap: refused, not a crash.
+    with pytest.raises(m.Rejected, match="malformed"):
+        m.decode(signed(key, 0, "g", b"\x91" * 60_000 + b"\x00"), keys, m.ReplayGuard())
+    ok = m.encode(m.Register.model_validate(register_dict()), key, 0, "g")
+    assert m.decode(ok, keys, m.ReplayGuard()).kind == "register"
 
 
 def test_bad_frames_are_rejected_counted_and_server_keeps_running():
     with ControlServer(expected={0: "g"}) as srv:
         sock = raw_dealer(srv.address)
+        key = srv.rank_key(0)
         good = register_dict()
+        # correctly signed by rank 0, so every check after the MAC is reached
         cases = {
             "invalid": [{**good, "bogus": 1}, {**good, "rank": "0"}, {**good, "role": "chef"},
                         {**good, "kind": "promote"}],
-            "version": [{**good, "v": 2}, {k: v for k, v in good.items() if k != "v"}, {**good, "v": True}],
+            "version": [{**good, "v": 1}, {k: v for k, v in good.items() if k != "v"}, {**good, "v": True}],
             "malformed": [b"\xc1 not msgpack", msgpack.packb([1, 2, 3])],
-            "oversize": [msgpack.packb({**good, "hostname": "x" * (m.MAX_FRAME_BYTES + 10)})],
-            "unexpected": [register_dict(rank=7), register_dict(rank=0, group="other")],
+            "oversize": [{**good, "hostname": "x" * (m.MAX_FRAME_BYTES + 10)}],
         }
-        for frames in cases.values():
-            for frame in frames:
-                sock.send(frame if isinstance(frame, bytes) else msgpack.packb(frame))
-        sock.send_multipart([msgpack.packb(good), b"x" * 32])  # a MAC where none is configured
+        for payloads in cases.values():
+            for payload in payloads:
+                sock.send_multipart(signed(key, 0, "g", payload))
+        # rejected before the MAC is even looked at
+        outsiders = {
+            "unexpected": [signed(m.rank_key(srv.secret, 7, "g"), 7, "g", register_dict(rank=7)),
+                           signed(m.rank_key(srv.secret, 0, "other"), 0, "other",
+                                  register_dict(group="other"))],
+            "version": [[msgpack.packb(good)],  # a protocol-1 peer: a bare msgpack map, no header
+                        [msgpack.packb(good), b"x" * 32],
+                        [b"dinodist/1 0 g", *signed(key, 0, "g", good)[1:]]],
+            "malformed": [[b"GET / HTTP/1.1", b"", b""], [b"dinodist/2 0 g", msgpack.packb(good)],
+                          [*signed(key, 0, "g", good), b"extra"], [b"dinodist/2 zero g", b"", b""]],
+            "mac": [[*signed(key, 0, "g", good)[:2], b"x" * 32], [*signed(key, 0, "g", good)[:2], b""]],
+        }
+        for frames in (f for fs in outsiders.values() for f in fs):
+            sock.send_multipart(frames)
         expected = Counter({k: len(v) for k, v in cases.items()})
-        expected["malformed"] += 1
+        expected.update({k: len(v) for k, v in outsiders.items()})
         pump(srv, lambda: sum(srv.rejected.values()) >= sum(expected.values()))
         assert srv.rejected == expected
         assert srv.ranks()[0].status == "expected"
-        sock.send(msgpack.packb(good))  # the server is still serving
+        sock.send_multipart(signed(key, 0, "g", good))  # the server is still serving
         pump(srv, lambda: srv.ranks()[0].status == "running")
         assert srv.events.get_nowait().kind == "registered"
         sock.close()
@@ -99,10 +133,12 @@ def test_bad_frames_are_rejected_counted_and_server_keeps_running():
 def test_off_loopback_requires_secret_and_bad_macs_are_rejected():
     with pytest.raises(DinodistError, match="control.bind: 0.0.0.0"):
         ControlServer(bind="0.0.0.0")
+    with pytest.raises(DinodistError, match="control secret: shorter than 16 bytes"):
+        ControlServer(secret=b"short")
     secret = b"k" * 32
     with ControlServer(bind="0.0.0.0", secret=secret, expected={0: "g", 1: "g", 2: "g"}) as srv:
         addr = f"tcp://127.0.0.1:{srv.port}"
-        clients = [ControlClient(addr, 0, "g"), ControlClient(addr, 1, "g", secret=b"w" * 32),
+        clients = [ControlClient(addr, 0, "g", key=b"\0" * 32), ControlClient(addr, 1, "g", secret=b"w" * 32),
                    ControlClient(addr, 2, "g", secret=secret)]
         for c in clients:
             c.register()
@@ -116,15 +152,16 @@ def test_off_loopback_requires_secret_and_bad_macs_are_rejected():
         pump(srv, lambda: srv.acked(2, cid))
 
         sock = raw_dealer(addr)
-        hb = msgpack.packb(heartbeat_dict(2, "g", good.session, seq=10, iteration=0))
-        tampered = bytearray(hb)
+        key = m.rank_key(secret, 2, "g")
+        hb = signed(key, 2, "g", heartbeat_dict(2, "g", good.session, seq=10, iteration=0))
+        tampered = bytearray(hb[1])
         tampered[-1] ^= 1
-        stale = msgpack.packb({**heartbeat_dict(2, "g", good.session, 11, 1), "ts": time.time() - 3600})
-        sock.send_multipart([bytes(tampered), m.mac(secret, hb)])
-        sock.send_multipart([hb, m.mac(secret, hb)])
-        sock.send_multipart([hb, m.mac(secret, hb)])  # replayed capture
-        sock.send_multipart([stale, m.mac(secret, stale)])
-        sock.send(hb)  # missing MAC
+        stale = signed(key, 2, "g", {**heartbeat_dict(2, "g", good.session, 11, 1), "ts": time.time() - 3600})
+        sock.send_multipart([hb[0], bytes(tampered), hb[2]])
+        sock.send_multipart(hb)
+        sock.send_multipart(hb)  # replayed capture
+        sock.send_multipart(stale)
+        sock.send_multipart([*hb[:2], b""])  # missing MAC
         pump(srv, lambda: srv.rejected["mac"] == 4 and srv.rejected["replay"] == 1
              and srv.rejected["stale"] == 1)
         assert srv.ranks()[2].last.seq == 10
@@ -140,10 +177,10 @@ def drain_events(server: ControlServer) -> list:
     return events
 
 
-def _rank_loop(address: str, rank: int, group: str, received: list, silent_after: int | None = None,
-               quit: threading.Event | None = None) -> None:
+def _rank_loop(address: str, rank: int, group: str, key: bytes, received: list,
+               silent_after: int | None = None, quit: threading.Event | None = None) -> None:
     """A rank's training loop: heartbeats each iteration (until `silent_after`), obeys commands."""
-    with ControlClient(address, rank, group, heartbeat_interval_s=0) as c:
+    with ControlClient(address, rank, group, key=key, heartbeat_interval_s=0) as c:
         c.register()
         it = 0
         while quit is None or not quit.is_set():
@@ -162,7 +199,8 @@ def _rank_loop(address: str, rank: int, group: str, received: list, silent_after
 def test_register_heartbeat_command_round_trip():
     received = {0: [], 1: []}
     with ControlServer(expected={0: "vits", 1: "vits"}) as srv:
-        threads = [threading.Thread(target=_rank_loop, args=(srv.address, r, "vits", received[r]))
+        threads = [threading.Thread(target=_rank_loop, args=(srv.address, r, "vits", srv.rank_key(r),
+                                                             received[r]))
                    for r in (0, 1)]
         for t in threads:
             t.start()
@@ -193,8 +231,10 @@ def test_silent_rank_is_declared_dead_and_everyone_is_stopped():
     quit = threading.Event()
     with ControlServer(expected={0: "vits", 1: "vitb"}, heartbeat_timeout_s=1.0) as srv:
         addr = srv.address
-        threads = [threading.Thread(target=_rank_loop, args=(addr, 0, "vits", received[0], None, quit)),
-                   threading.Thread(target=_rank_loop, args=(addr, 1, "vitb", received[1], 3, quit))]
+        threads = [threading.Thread(target=_rank_loop,
+                                    args=(addr, 0, "vits", srv.rank_key(0), received[0], None, quit)),
+                   threading.Thread(target=_rank_loop,
+                                    args=(addr, 1, "vitb", srv.rank_key(1), received[1], 3, quit))]
         for t in threads:
             t.start()
         try:
@@ -247,18 +287,19 @@ def test_exit_codes_and_restarts():
 
         # A restarted process re-registers with a new session; its old session is ignored, and
         # heartbeats that arrive out of order do not move the rank backwards.
-        old = ControlClient(srv.address, 3, "g", heartbeat_interval_s=0)
+        old = client(srv, 3, "g", heartbeat_interval_s=0)
         old.register()
         pump(srv, lambda: srv.ranks()[3].session == old.session)
-        new = ControlClient(srv.address, 3, "g", heartbeat_interval_s=0)
+        new = client(srv, 3, "g", heartbeat_interval_s=0)
         new.register()
         pump(srv, lambda: srv.ranks()[3].session == new.session)
         # A rank that registers after the failure is told to stop straight away.
         assert new.poll_command(timeout_ms=2000) == "stop"
         sock = raw_dealer(srv.address)
-        sock.send(msgpack.packb(heartbeat_dict(3, "g", old.session, seq=500, iteration=50)))
-        sock.send(msgpack.packb(heartbeat_dict(3, "g", new.session, seq=100, iteration=9)))
-        sock.send(msgpack.packb(heartbeat_dict(3, "g", new.session, seq=50, iteration=4)))
+        key = srv.rank_key(3)
+        sock.send_multipart(signed(key, 3, "g", heartbeat_dict(3, "g", old.session, seq=500, iteration=50)))
+        sock.send_multipart(signed(key, 3, "g", heartbeat_dict(3, "g", new.session, seq=100, iteration=9)))
+        sock.send_multipart(signed(key, 3, "g", heartbeat_dict(3, "g", new.session, seq=50, iteration=4)))
         # One socket delivers in order: once seq 50 is seen, the stale-session one was handled.
         pump(srv, lambda: any(getattr(x, "seq", 0) == 50 for x in seen))
         assert srv.rejected["session"] >= 1
@@ -272,7 +313,8 @@ def test_client_never_blocks_without_a_server():
     with zmq.Context.instance().socket(zmq.ROUTER) as probe:
         port = probe.bind_to_random_port("tcp://127.0.0.1")
     # Nothing listens on `port` now: every send must return at once, dropping beyond the HWM.
-    with ControlClient(f"tcp://127.0.0.1:{port}", 0, "g", heartbeat_interval_s=0, sndhwm=16) as c:
+    with ControlClient(f"tcp://127.0.0.1:{port}", 0, "g", key=b"k" * 32, heartbeat_interval_s=0,
+                       sndhwm=16) as c:
         c.register()
         t0 = time.perf_counter()
         for it in range(2000):
@@ -291,7 +333,7 @@ def test_client_never_blocks_without_a_server():
         assert c._totals["images_total"] == 2000  # the rejected call folded nothing in
         c.heartbeat({"iteration": 2000, "gpu_utilization_ratio": 0.5}, force=True)  # valid values still pass
     with pytest.raises(DinodistError, match="role"):
-        ControlClient("tcp://127.0.0.1:1", 0, "g", role="chef")
+        ControlClient("tcp://127.0.0.1:1", 0, "g", role="chef", key=b"k" * 32)
 
 
 def test_failure_policy_and_config(monkeypatch):
@@ -307,13 +349,17 @@ def test_failure_policy_and_config(monkeypatch):
         assert srv.on_failure == "restart_group"
     monkeypatch.setenv("DINODIST_CONTROL", "tcp://127.0.0.1:1")
     monkeypatch.setenv("RANK", "5")
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.delenv("DINODIST_CONTROL_RANK", raising=False)
     c = ControlClient.from_env("vits", "student", secret_env="DINODIST_TEST_SECRET")
-    assert (c.rank, c.group, c.secret) == (5, "vits", b"s" * 32)
+    assert (c.rank, c.group, c.key) == (5, "vits", m.rank_key(b"s" * 32, 5, "vits"))
+    assert not hasattr(c, "secret")  # the client keeps only its own key
     c.close()
     monkeypatch.delenv("DINODIST_CONTROL")
     assert ControlClient.from_env("vits") is None
 
 
+# the key comes from $DINODIST_CONTROL_KEY, as the launcher passes it
 CHILD = """
 import os, sys, time
 from dinodist.core.control.client import ControlClient
@@ -335,16 +381,16 @@ for it in range(100000):
 """
 
 
-def _spawn(address: str, rank: int, mode: str) -> subprocess.Popen:
-    env = dict(os.environ)
-    return subprocess.Popen([sys.executable, "-c", CHILD, address, str(rank), mode], env=env)
+def _spawn(srv: ControlServer, rank: int, mode: str) -> subprocess.Popen:
+    env = {**os.environ, **srv.rank_env(rank)}
+    return subprocess.Popen([sys.executable, "-c", CHILD, srv.address, str(rank), mode], env=env)
 
 
 @pytest.mark.multiproc
 def test_supervise_stops_the_job_and_kills_a_hung_rank():
     expected = {0: "vits", 1: "vitb"}
     with ControlServer(expected=expected, heartbeat_timeout_s=1.0, register_timeout_s=30) as srv:
-        procs = {0: _spawn(srv.address, 0, "ok"), 1: _spawn(srv.address, 1, "hang")}
+        procs = {0: _spawn(srv, 0, "ok"), 1: _spawn(srv, 1, "hang")}
         try:
             t0 = time.monotonic()
             out = supervise(srv, procs, grace_s=1.0, poll_s=0.05)
@@ -364,7 +410,7 @@ def test_supervise_stops_the_job_and_kills_a_hung_rank():
 @pytest.mark.multiproc
 def test_crashed_process_is_detected_without_the_launcher():
     with ControlServer(expected={1: "vitb"}, heartbeat_timeout_s=30.0) as srv:
-        proc = _spawn(srv.address, 1, "crash")
+        proc = _spawn(srv, 1, "crash")
         try:
             # Not reaped by anyone: the server sees the registered pid become a zombie.
             pump(srv, lambda: srv.dead_ranks() == [1], timeout=15)
@@ -383,12 +429,12 @@ def test_restart_group_policy_queues_the_group_and_lets_new_processes_take_its_p
             ("vits", "rank 2 (group vits) was killed by signal 9")]
         assert srv.restarting() == {"vits"}
         # until reset, the group's old identities are refused; after it, new processes register
-        late = ControlClient(srv.address, 2, "vits", heartbeat_interval_s=0)
+        late = client(srv, 2, "vits", heartbeat_interval_s=0)
         late.register()
         pump(srv, lambda: srv.rejected["late"] >= 1)
         srv.reset_group("vits")
         assert srv.restarting() == set() and srv.ranks()[2].status == "expected"
-        fresh = ControlClient(srv.address, 2, "vits", heartbeat_interval_s=0)
+        fresh = client(srv, 2, "vits", heartbeat_interval_s=0)
         fresh.register()
         pump(srv, lambda: srv.ranks()[2].status == "running")
         # alive but stuck: heartbeats without progress are a failure once progress_timeout_s passes

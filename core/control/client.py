@@ -35,7 +35,10 @@ CONTROL_ENV = "DINODIST_CONTROL"  # the launcher puts the server address here
 # the rank a process reports as, when that is not its rank in its own world: a student group restarted
 # as a world of its own takes the places (global ranks) of the processes it replaces
 CONTROL_RANK_ENV = "DINODIST_CONTROL_RANK"
-STAT_KEYS = frozenset({"iteration", "losses", "gpu_utilization_ratio", "gpu_memory_used_bytes", *_ADDITIVE})
+# this rank's control-plane key, hex: the supervisor derives it from the job secret for each rank it
+# starts, so a rank never holds the secret (docs/control-plane.md, Authentication)
+KEY_ENV = "DINODIST_CONTROL_KEY"
+STAT_KEYS = frozenset({"iteration", "losses", *m.TELEMETRY_KEYS, *_ADDITIVE})
 
 
 def _number(key: str, value: Any) -> float:
@@ -44,14 +47,29 @@ def _number(key: str, value: Any) -> float:
     return value
 
 
+def rank_key_from_env(rank: int, group: str, secret_env: str | None = None) -> bytes:
+    """This rank's key: from $DINODIST_CONTROL_KEY (what the supervisor's launcher passes), else
+    derived from the job secret in `secret_env` (clusters, where launch files start the ranks and
+    the secret is in every rank's environment anyway)."""
+    text = os.environ.get(KEY_ENV)
+    if text:
+        return m.parse_key(text, KEY_ENV)
+    if secret_env:
+        return m.rank_key(m.secret_from_env(secret_env), rank, group)
+    raise DinodistError(f"{KEY_ENV}: environment variable is unset; the supervisor passes each rank its "
+                        "control-plane key there (on clusters set control.secret_env instead)")
+
+
 class ControlClient:
     """Connects one rank to the orchestrator's ControlServer at `address` (tcp://host:port).
 
     Call `register()` once, then `heartbeat(stats)` every iteration with that iteration's stats
     (keys: iteration, step_seconds, wait_seconds, images, losses, teacher_forwards,
-    target_bytes_sent, optionally gpu_utilization_ratio / gpu_memory_used_bytes; all but
-    iteration optional). The client keeps the totals and sends at most one heartbeat every
-    `heartbeat_interval_s`. Poll `poll_command()` for `checkpoint` / `stop`.
+    target_bytes_sent, optionally the device gauges of `messages.Telemetry`, e.g.
+    torch_peak_allocated_bytes; all but iteration optional). The client keeps the totals and
+    sends at most one heartbeat every `heartbeat_interval_s`. Poll `poll_command()` for
+    `checkpoint` / `stop`. It signs with `key`, else with the key derived from the job `secret`,
+    else with the key in $DINODIST_CONTROL_KEY.
     """
 
     def __init__(
@@ -62,6 +80,7 @@ class ControlClient:
         role: str = "student",
         secret: bytes | str | None = None,
         *,
+        key: bytes | None = None,
         heartbeat_interval_s: float = 1.0,
         sndhwm: int = 64,
     ) -> None:
@@ -71,7 +90,15 @@ class ControlClient:
         self.rank = int(rank)
         self.group = group
         self.role = role
-        self.secret = secret.encode() if isinstance(secret, str) else secret
+        # Only the derived key is kept: what this object holds can sign for this rank and no other.
+        if key is not None:
+            self.key = key
+        elif secret is not None:
+            self.key = m.rank_key(m.check_secret(secret), self.rank, group)
+        else:
+            self.key = rank_key_from_env(self.rank, group)
+        if len(self.key) != m.KEY_BYTES:
+            raise DinodistError(f"control client key: {len(self.key)} bytes, expected {m.KEY_BYTES}")
         self.heartbeat_interval_s = heartbeat_interval_s
         self.session = m.new_session()
         self.dropped = 0  # messages not sent because the queue to the server was full
@@ -90,7 +117,7 @@ class ControlClient:
         self._acks: set[tuple[str, int]] = set()
         self._register_kw: dict[str, Any] | None = None
         self._register_msg_at = -math.inf
-        self._replay = m.ReplayGuard() if self.secret else None
+        self._replay = m.ReplayGuard()
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -108,7 +135,7 @@ class ControlClient:
 
     def _send(self, msg: Any) -> bool:
         try:
-            self._sock.send_multipart(m.encode(msg, self.secret), flags=zmq.NOBLOCK)
+            self._sock.send_multipart(m.encode(msg, self.key, self.rank, self.group), flags=zmq.NOBLOCK)
             return True
         except zmq.Again:
             self.dropped += 1
@@ -144,17 +171,7 @@ class ControlClient:
             if not isinstance(losses, Mapping):
                 raise DinodistError("heartbeat stats.losses: expected a mapping of term -> value")
             losses = {str(k): float(_number(f"losses.{k}", v)) for k, v in losses.items()}
-        gauges = {}
-        if "gpu_utilization_ratio" in stats:
-            ratio = _number("gpu_utilization_ratio", stats["gpu_utilization_ratio"])
-            if not 0.0 <= ratio <= 1.0:
-                raise DinodistError(f"heartbeat stats.gpu_utilization_ratio: {ratio} is outside [0, 1]")
-            gauges["gpu_utilization_ratio"] = float(ratio)
-        if "gpu_memory_used_bytes" in stats:
-            used = _number("gpu_memory_used_bytes", stats["gpu_memory_used_bytes"])
-            if used < 0 or used != int(used):
-                raise DinodistError(f"heartbeat stats.gpu_memory_used_bytes: {used} is not a byte count")
-            gauges["gpu_memory_used_bytes"] = int(used)
+        gauges = self._telemetry(stats)
         iteration = int(_number("iteration", stats["iteration"])) if "iteration" in stats else self._iteration
         if iteration < -1:
             raise DinodistError(f"heartbeat stats.iteration: {iteration} is negative")
@@ -167,6 +184,29 @@ class ControlClient:
             self._losses = losses
         self._gauges.update(gauges)
 
+    @staticmethod
+    def _telemetry(stats: Mapping[str, Any]) -> dict[str, Any]:
+        # None clears a gauge (the quantity became unknown); a key left out keeps its last value
+        gauges: dict[str, Any] = {}
+        for key in m.TELEMETRY_KEYS:
+            if key not in stats:
+                continue
+            value = stats[key]
+            if value is not None:
+                value = _number(key, value)
+                if key in m.INTEGER_TELEMETRY and isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                elif key not in m.INTEGER_TELEMETRY:
+                    value = float(value)
+            gauges[key] = value
+        try:
+            m.Telemetry.model_validate({k: v for k, v in gauges.items() if v is not None})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise DinodistError(f"heartbeat stats.{where}: {first['msg']}") from None
+        return gauges
+
     def _totals_fields(self) -> dict[str, Any]:
         return {"iteration": self._iteration, "step_seconds": list(self._recent),
                 "step_seconds_total": float(self._totals["step_seconds_total"]),
@@ -174,7 +214,7 @@ class ControlClient:
                 "images_total": int(self._totals["images_total"]),
                 "teacher_forwards_total": int(self._totals["teacher_forwards_total"]),
                 "target_bytes_sent_total": int(self._totals["target_bytes_sent_total"]),
-                "losses": dict(self._losses), **self._gauges}
+                "losses": dict(self._losses), **{k: v for k, v in self._gauges.items() if v is not None}}
 
     def _build(self, model: type, kind: str) -> Any:
         try:
@@ -217,7 +257,7 @@ class ControlClient:
                 return
             frames = self._sock.recv_multipart(flags=zmq.NOBLOCK)
             try:
-                msg = m.decode(frames, self.secret, self._replay)
+                msg = m.decode(frames, self._key_for, self._replay)
             except m.Rejected:
                 self.rejected += 1
                 continue
@@ -233,6 +273,10 @@ class ControlClient:
                 self._acks.add((msg.acked, msg.ref))
             else:
                 self.rejected += 1
+
+    def _key_for(self, rank: int, group: str) -> bytes | None:
+        # the server signs what it sends a rank with that rank's key: anything else is not for us
+        return self.key if (rank, group) == (self.rank, self.group) else None
 
     def poll_command(self, timeout_ms: int = 0) -> str | None:
         """The next command from the server ('checkpoint' or 'stop'), or None; waits at most timeout_ms."""
@@ -272,16 +316,18 @@ class ControlClient:
     @classmethod
     def from_env(cls, group: str, role: str = "student", secret_env: str | None = None,
                  **kwargs: Any) -> ControlClient | None:
-        """A client for the address in $DINODIST_CONTROL and rank $RANK; None when no orchestrator
-        launched this process (plain torchrun), so ranks run the same without a control plane."""
+        """A client for the address in $DINODIST_CONTROL, as rank $DINODIST_CONTROL_RANK (else $RANK),
+        with its key from `rank_key_from_env`; None when no orchestrator launched this process
+        (plain torchrun), so ranks run the same without a control plane."""
         address = os.environ.get(CONTROL_ENV)
         if not address:
             return None
-        rank = os.environ.get("RANK", "")
+        var = CONTROL_RANK_ENV if os.environ.get(CONTROL_RANK_ENV) else "RANK"
+        rank = os.environ.get(var, "")
         if not rank.isdigit():
-            raise DinodistError(f"RANK: environment variable is {rank!r}, expected the rank number")
-        secret = m.secret_from_env(secret_env) if secret_env else None
-        return cls(address, int(rank), group, role, secret, **kwargs)
+            raise DinodistError(f"{var}: environment variable is {rank!r}, expected the rank number")
+        key = rank_key_from_env(int(rank), group, secret_env)
+        return cls(address, int(rank), group, role, key=key, **kwargs)
 
     def __enter__(self) -> ControlClient:
         return self

@@ -1,10 +1,20 @@
-"""Control-plane wire format: message schemas, framing, size cap and HMAC authentication.
+"""Control-plane wire format (protocol 2): framing, per-rank authentication, message schemas.
 
-A message travels as one msgpack map (frame 1), optionally followed by a 32-byte HMAC-SHA256 of
-that frame (frame 2) when a shared secret is configured. Every map carries `v` (protocol version)
-and `kind`; the receiver checks, in this order and without trusting anything earlier, the frame
-size, the MAC, the msgpack structure, the version, the pydantic schema, then freshness and replay.
-A failed check raises `Rejected` with a short reason category that receivers count.
+A message travels as three frames:
+
+1. header: ASCII `dinodist/<version> <rank> <group>`, naming the rank whose key signs the message
+   (the sender's for rank -> server, the addressee's for server -> rank);
+2. payload: one msgpack map;
+3. MAC: HMAC-SHA256, under that rank's key, of the header (length-prefixed) and the payload.
+
+Every rank has its own key, `rank_key(job_secret, rank, group)`. The supervisor holds the job secret
+and can derive any rank's key; a rank needs only its own, so a rank (or whoever learned its key)
+cannot speak for another one. There is no unauthenticated mode: a loopback job gets a secret the
+supervisor generates. The receiver checks, in this order and trusting nothing it has not checked:
+frame count and sizes, the header's version, that the claimed rank has a key, the MAC, the
+msgpack structure, the payload's version, the schema, that the payload's rank and group are the
+header's, then freshness and replay. A failed check raises `Rejected` with a short reason
+category that receivers count.
 """
 
 from __future__ import annotations
@@ -12,10 +22,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import math
 import os
+import re
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import msgpack
@@ -23,12 +36,16 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from dinodist.core.errors import DinodistError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 96
 MAC_BYTES = 32
+KEY_BYTES = 32
+MIN_SECRET_BYTES = 16
 MAX_LOSS_TERMS = 64
 MAX_RECENT_STEPS = 256
 MAX_TEXT = 4096
+MAX_DEVICE_BYTES = 1 << 50  # 1 PiB: far above any accelerator, low enough to catch garbage
 COMMANDS = ("checkpoint", "stop", "preempt")
 
 # Structural limits handed to msgpack so a hostile frame cannot make the unpacker allocate more
@@ -40,27 +57,35 @@ _UNPACK_LIMITS = dict(
     max_map_len=MAX_LOSS_TERMS + 32,
     max_ext_len=0,
 )
+_HEADER = re.compile(rb"dinodist/([0-9]{1,4}) ([0-9]{1,9}) ([A-Za-z0-9_.+-]{1,64})")
+# First bytes of a msgpack map: what a protocol-1 peer sent as its first (and only) frame.
+_MSGPACK_MAP_MARKERS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
 
 GroupName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.+-]{1,64}$")]
 Session = Annotated[str, Field(pattern=r"^[0-9a-f]{8,64}$")]
 Nonce = Annotated[str, Field(pattern=r"^[0-9a-f]{8,64}$")]
 NonNegFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 NonNegInt = Annotated[int, Field(ge=0)]
+DeviceBytes = Annotated[int, Field(ge=0, le=MAX_DEVICE_BYTES)]
+EventCount = Annotated[int, Field(ge=0, lt=1 << 63)]
 Command = Literal["checkpoint", "stop", "preempt"]
+
+# (rank, group) -> that rank's key, or None when the receiver does not accept that identity
+KeyLookup = Callable[[int, str], "bytes | None"]
 
 
 class _Message(BaseModel):
     # strict: a rank sending "3" for an int is a bug to surface, not a value to coerce.
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    v: Literal[1]
+    v: Literal[2]
     ts: float = Field(allow_inf_nan=False)
     nonce: Nonce
 
     @field_validator("v", mode="before")
     @classmethod
     def _exact_int_version(cls, value: Any) -> Any:
-        # Literal[1] would also accept True (True == 1); a version is an int, nothing else.
+        # Literal[2] would also accept 2.0; a version is an int, nothing else.
         if type(value) is not int:
             raise ValueError("v must be an int")
         return value
@@ -75,10 +100,37 @@ class _FromRank(_Message):
     seq: NonNegInt
 
 
-class _Totals(BaseModel):
-    """Cumulative totals of one rank since it started; repeats and reordering are harmless."""
+class Telemetry(BaseModel):
+    """Optional device gauges of one rank; a field left out was not measured (exported as absent,
+    never as zero). NVML's readings of the rank's GPU, and torch's peak allocation."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    gpu_utilization_ratio: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    gpu_memory_used_bytes: DeviceBytes | None = None
+    gpu_memory_total_bytes: DeviceBytes | None = None
+    gpu_power_watts: Annotated[float, Field(ge=0.0, le=100_000.0, allow_inf_nan=False)] | None = None
+    gpu_temperature_celsius: Annotated[float, Field(ge=-100.0, le=300.0, allow_inf_nan=False)] | None = None
+    # NVML's clocks-event (throttle) reason bitmask; core/control/telemetry.py names the bits
+    gpu_throttle_reasons: Annotated[int, Field(ge=0, lt=1 << 64)] | None = None
+    # volatile ECC counts: since the driver loaded
+    gpu_ecc_corrected_total: EventCount | None = None
+    gpu_ecc_uncorrected_total: EventCount | None = None
+    # critical Xid events seen since this rank's sampler started, and the last Xid code
+    gpu_xid_errors_total: EventCount | None = None
+    gpu_last_xid: Annotated[int, Field(ge=0, lt=1 << 32)] | None = None
+    torch_peak_allocated_bytes: DeviceBytes | None = None
+
+
+TELEMETRY_KEYS = tuple(Telemetry.model_fields)
+INTEGER_TELEMETRY = frozenset({
+    "gpu_memory_used_bytes", "gpu_memory_total_bytes", "gpu_throttle_reasons", "gpu_ecc_corrected_total",
+    "gpu_ecc_uncorrected_total", "gpu_xid_errors_total", "gpu_last_xid", "torch_peak_allocated_bytes",
+})
+
+
+class _Totals(Telemetry):
+    """Cumulative totals of one rank since it started; repeats and reordering are harmless."""
 
     iteration: Annotated[int, Field(ge=-1)]
     # Durations of the most recent iterations, the last one being `iteration`.
@@ -89,8 +141,6 @@ class _Totals(BaseModel):
     teacher_forwards_total: NonNegInt
     target_bytes_sent_total: NonNegInt
     losses: Annotated[dict[Annotated[str, Field(max_length=64)], float], Field(max_length=MAX_LOSS_TERMS)]
-    gpu_utilization_ratio: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    gpu_memory_used_bytes: NonNegInt | None = None
 
 
 class Register(_FromRank):
@@ -151,24 +201,39 @@ class Rejected(Exception):
 
 
 class ReplayGuard:
-    """Remembers recent nonces so an authenticated frame captured on the wire cannot be re-sent."""
+    """Remembers recent nonces so an authenticated frame captured on the wire cannot be re-sent.
+
+    Memory is bounded by `capacity`. A nonce is forgotten once its message's timestamp would fail the
+    skew check anyway; when capacity forces one out earlier, no message stamped at or before it is
+    accepted any more (`stale`), so a frame is never accepted twice: under a flood, old-stamped
+    messages are refused rather than risked."""
 
     def __init__(self, max_skew_s: float = 60.0, capacity: int = 200_000) -> None:
         self.max_skew_s = max_skew_s
         self.capacity = capacity
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._seen: OrderedDict[str, tuple[float, float]] = OrderedDict()  # nonce -> (received, stamped)
+        self._floor = -math.inf  # timestamps at or below this may belong to forgotten nonces
 
     def check(self, nonce: str, ts: float, now: float | None = None) -> None:
         now = time.time() if now is None else now
         if abs(now - ts) > self.max_skew_s:
             raise Rejected("stale", f"timestamp {now - ts:+.1f} s off, limit {self.max_skew_s:g} s")
-        # Entries older than the skew window can go: their timestamps would be rejected anyway.
-        while self._seen and (next(iter(self._seen.values())) < now - 2 * self.max_skew_s
-                              or len(self._seen) >= self.capacity):
-            self._seen.popitem(last=False)
+        while self._seen:
+            received, stamped = next(iter(self._seen.values()))
+            if received < now - 2 * self.max_skew_s:
+                # stamped at most max_skew_s after it arrived: that timestamp fails the skew check now
+                self._seen.popitem(last=False)
+            elif len(self._seen) >= self.capacity:
+                self._seen.popitem(last=False)
+                self._floor = max(self._floor, stamped)
+            else:
+                break
+        if ts <= self._floor:
+            raise Rejected("stale", f"timestamp not after {self._floor:.3f}, the newest of the nonces "
+                                    f"forgotten to stay within {self.capacity} remembered")
         if nonce in self._seen:
             raise Rejected("replay", f"nonce {nonce} already seen")
-        self._seen[nonce] = now
+        self._seen[nonce] = (now, ts)
 
 
 def new_nonce() -> str:
@@ -179,39 +244,101 @@ def new_session() -> str:
     return secrets.token_hex(8)
 
 
+def new_job_secret() -> bytes:
+    """A random job secret, for a supervisor that was given none (it never leaves that process)."""
+    return secrets.token_bytes(KEY_BYTES)
+
+
+def check_secret(secret: bytes | str, field: str = "control secret") -> bytes:
+    """The job secret as bytes, refusing one too short to resist guessing."""
+    raw = secret.encode() if isinstance(secret, str) else bytes(secret)
+    if len(raw) < MIN_SECRET_BYTES:
+        raise DinodistError(f"{field}: shorter than {MIN_SECRET_BYTES} bytes")
+    return raw
+
+
+def rank_key(secret: bytes, rank: int, group: str) -> bytes:
+    """The key rank `rank` of `group` signs with: HMAC-SHA256(job secret, "rank:<r>:group:<g>").
+
+    Group names cannot contain ':', so no two (rank, group) pairs share a label. The prefix keeps
+    these keys apart from any other use of the same secret."""
+    label = f"dinodist-control-key rank:{int(rank)}:group:{group}".encode()
+    return hmac.new(check_secret(secret), label, hashlib.sha256).digest()
+
+
+def parse_key(text: str, field: str) -> bytes:
+    """A rank key written as hex (how the launcher passes it in the environment)."""
+    try:
+        key = bytes.fromhex(text.strip())
+    except ValueError:
+        raise DinodistError(f"{field}: not a hex string") from None
+    if len(key) != KEY_BYTES:
+        raise DinodistError(f"{field}: {len(key)} bytes, expected {KEY_BYTES} ({2 * KEY_BYTES} hex digits)")
+    return key
+
+
 def stamp() -> dict[str, Any]:
     """The envelope fields every message carries."""
     return {"v": PROTOCOL_VERSION, "ts": time.time(), "nonce": new_nonce()}
 
 
-def mac(secret: bytes, payload: bytes) -> bytes:
-    return hmac.new(secret, payload, hashlib.sha256).digest()
+def header(rank: int, group: str) -> bytes:
+    return f"dinodist/{PROTOCOL_VERSION} {int(rank)} {group}".encode()
 
 
-def encode(msg: BaseModel, secret: bytes | None = None) -> list[bytes]:
-    """Frames for one message: payload, plus its MAC when a secret is set."""
-    payload = msgpack.packb(msg.model_dump(mode="python"), use_bin_type=True)
+def sign(key: bytes, head: bytes, payload: bytes) -> bytes:
+    """The MAC frame: the header is length-prefixed so no header/payload split can be shifted."""
+    mac = hmac.new(key, len(head).to_bytes(2, "big"), hashlib.sha256)
+    mac.update(head)
+    mac.update(payload)
+    return mac.digest()
+
+
+def encode(msg: BaseModel, key: bytes, rank: int, group: str) -> list[bytes]:
+    """Frames for one message signed with the key of `rank` (of `group`): header, payload, MAC."""
+    payload = msgpack.packb(msg.model_dump(mode="python", exclude_none=True), use_bin_type=True)
     if len(payload) > MAX_FRAME_BYTES:
         raise DinodistError(f"control message {msg.__class__.__name__}: {len(payload)} bytes exceeds "
                             f"the {MAX_FRAME_BYTES}-byte cap")
-    return [payload, mac(secret, payload)] if secret else [payload]
+    head = header(rank, group)
+    return [head, payload, sign(key, head, payload)]
 
 
-def decode(frames: list[bytes], secret: bytes | None = None, replay: ReplayGuard | None = None) -> Any:
-    """Validate received frames into a message model, or raise `Rejected`."""
-    if not frames or len(frames) > 2:
-        raise Rejected("malformed", f"{len(frames)} frames, expected 1 or 2")
-    payload = frames[0]
+def _identity(frames: list[bytes]) -> tuple[int, str]:
+    if len(frames) != 3:
+        if 1 <= len(frames) <= 2 and frames[0][:1] and frames[0][0] in _MSGPACK_MAP_MARKERS:
+            raise Rejected("version", "a bare msgpack frame without a header (a protocol-1 peer?); "
+                                      f"this end speaks protocol {PROTOCOL_VERSION}")
+        raise Rejected("malformed", f"{len(frames)} frames, expected 3 (header, payload, MAC)")
+    head, payload = frames[0], frames[1]
     if len(payload) > MAX_FRAME_BYTES:
         # Checked before anything else touches the bytes: oversize frames are never unpacked.
         raise Rejected("oversize", f"{len(payload)} bytes > {MAX_FRAME_BYTES}")
-    if secret:
-        if len(frames) != 2:
-            raise Rejected("mac", "missing MAC")
-        if not hmac.compare_digest(frames[1], mac(secret, payload)):
-            raise Rejected("mac", "bad MAC")
-    elif len(frames) != 1:
-        raise Rejected("malformed", "unexpected MAC frame on an unauthenticated channel")
+    if len(head) > MAX_HEADER_BYTES or not head.startswith(b"dinodist/"):
+        raise Rejected("malformed", f"header {head[:24]!r} is not 'dinodist/<version> <rank> <group>'")
+    version = head[len(b"dinodist/"):].split(b" ", 1)[0]
+    if version != str(PROTOCOL_VERSION).encode():
+        raise Rejected("version", f"unsupported protocol version {version[:8]!r}, "
+                                  f"expected {PROTOCOL_VERSION}")
+    match = _HEADER.fullmatch(head)
+    if match is None:
+        raise Rejected("malformed", f"header {head[:24]!r} is not 'dinodist/<version> <rank> <group>'")
+    return int(match.group(2)), match.group(3).decode()
+
+
+def decode(frames: list[bytes], keys: KeyLookup, replay: ReplayGuard | None) -> Any:
+    """Validate received frames into a message model, or raise `Rejected`.
+
+    `keys(rank, group)` gives the key of the identity the header claims, None when this receiver
+    does not accept it (`unexpected`). `replay`: the receiver's nonce memory (always pass one
+    outside tests)."""
+    rank, group = _identity(frames)
+    key = keys(rank, group)
+    if key is None:
+        raise Rejected("unexpected", f"rank {rank} (group {group}) is not a rank this end talks to")
+    head, payload, tag = frames
+    if len(tag) != MAC_BYTES or not hmac.compare_digest(tag, sign(key, head, payload)):
+        raise Rejected("mac", f"bad MAC for rank {rank} (group {group})")
     try:
         data = msgpack.unpackb(payload, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
     except Exception as exc:  # msgpack raises several unrelated types on bad input
@@ -227,6 +354,11 @@ def decode(frames: list[bytes], secret: bytes | None = None, replay: ReplayGuard
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise Rejected("invalid", f"{data.get('kind')!r} {where}: {first['msg']}") from None
+    claimed = (getattr(msg, "rank", rank), getattr(msg, "group", group))
+    if claimed != (rank, group):
+        # signed by one rank, speaking for another: the MAC alone does not catch this
+        raise Rejected("identity", f"{msg.kind} signed by rank {rank} (group {group}) claims rank "
+                                   f"{claimed[0]} (group {claimed[1]})")
     if replay is not None:
         replay.check(msg.nonce, msg.ts)
     return msg
@@ -243,11 +375,10 @@ def is_loopback(host: str) -> bool:
 
 
 def secret_from_env(var: str, field: str = "control.secret_env") -> bytes:
-    """The shared secret held in environment variable `var`; it never appears in configs."""
+    """The job secret held in environment variable `var`; it never appears in configs."""
     value = os.environ.get(var, "")
     if not value:
         raise DinodistError(f"{field}: environment variable {var} is unset or empty")
-    if len(value) < 16:
-        raise DinodistError(f"{field}: secret in {var} is shorter than 16 characters")
+    if len(value) < MIN_SECRET_BYTES:
+        raise DinodistError(f"{field}: secret in {var} is shorter than {MIN_SECRET_BYTES} characters")
     return value.encode()
-
