@@ -184,6 +184,9 @@ def launch_and_supervise(topo: Topology, expected: dict[int, str], rank_args: li
     server = server_from_config(topo.control, expected, on_message=exporter.observe_message,
                                 on_event=exporter.observe_event,
                                 restartable=names if restart_args is not None else ())
+    exporter.track_rejections(server.rejected_counts)
+    # ranks get their own control key (env_of), never the job secret
+    secret_vars = [topo.control.secret_env] if topo.control.secret_env else []
     restarts = restarts if restarts is not None else {}
     for name in students:
         exporter.set_attached(name, True)
@@ -211,7 +214,8 @@ def launch_and_supervise(topo: Topology, expected: dict[int, str], rank_args: li
         echo(f"{group}: restarting its {len(ranks)} rank(s), {what} (restart {n} of at most "
              f"{topo.control.max_restarts})")
         new = launch_ranks(len(ranks), restart_args(group), out_dir / "logs", control_addr=server.address,
-                           names=ranks, log_suffix=f".restart{n}")
+                           names=ranks, log_suffix=f".restart{n}", env_of=server.rank_env,
+                           drop_env=secret_vars)
         launchers.append(new)
         current.update({r.rank: r for r in new.ranks})
         write_run_info()
@@ -220,7 +224,8 @@ def launch_and_supervise(topo: Topology, expected: dict[int, str], rank_args: li
         return {r.rank: r.proc for r in new.ranks}
 
     try:
-        launcher = launch_ranks(world, rank_args, out_dir / "logs", control_addr=server.address)
+        launcher = launch_ranks(world, rank_args, out_dir / "logs", control_addr=server.address,
+                                env_of=server.rank_env, drop_env=secret_vars)
         launchers.append(launcher)
         current.update({r.rank: r for r in launcher.ranks})
         write_run_info()
@@ -292,6 +297,11 @@ def root_cause(states: dict, outcome) -> str:
     if killed_outside:
         st = min(killed_outside, key=lambda s: s.rank)
         return f"rank {st.rank} (group {st.group}) was killed by signal {-st.exit_code}"
+    # on another node exit codes are unseen: a rank that fell silent is what its peers' errors are about
+    silent = [st for st in states.values() if st.status == "dead" and st.reason
+              and ("missed heartbeats" in st.reason or "is gone" in st.reason)]
+    if silent:
+        return min(silent, key=lambda s: s.rank).reason
     return outcome.message
 
 

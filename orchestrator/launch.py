@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,8 +103,10 @@ class Launcher:
 
 
 def rank_env(rank: int, world_size: int, master_port: int, control_addr: str | None = None,
-             extra: Mapping[str, str] | None = None) -> dict[str, str]:
+             extra: Mapping[str, str] | None = None, drop: Sequence[str] = ()) -> dict[str, str]:
     env = dict(os.environ)
+    for name in drop:  # the job secret's variable: a rank gets its own control key instead
+        env.pop(name, None)
     env.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(master_port),
@@ -124,11 +126,15 @@ def rank_env(rank: int, world_size: int, master_port: int, control_addr: str | N
 
 def launch_ranks(world_size: int, args: Sequence[str], log_dir: str | Path, control_addr: str | None = None,
                  extra_env: Mapping[str, str] | None = None, module: str = RANK_MODULE,
-                 names: Sequence[int] | None = None, log_suffix: str = "") -> Launcher:
+                 names: Sequence[int] | None = None, log_suffix: str = "",
+                 env_of: Callable[[int], Mapping[str, str]] | None = None,
+                 drop_env: Sequence[str] = ()) -> Launcher:
     """Start `world_size` ranks of `python -m MODULE ARGS`, logs in `log_dir/rank-<r><suffix>.log`.
 
     `names`: how the launcher (and the logs) call ranks 0..world_size-1 of this world, e.g. the global
     ranks of a student group restarted as a world of its own; by default their world ranks.
+    `env_of(name)`: what one rank's environment adds (its control-plane key: each rank gets its own).
+    `drop_env`: variables of this process the ranks must not inherit (control.secret_env's).
     """
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -141,10 +147,12 @@ def launch_ranks(world_size: int, args: Sequence[str], log_dir: str | Path, cont
         env = dict(extra_env or {})
         if named:
             env[CONTROL_RANK_ENV] = str(names[rank])
+        if env_of is not None:
+            env.update(env_of(names[rank]))
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", module, *args],
-                env=rank_env(rank, world_size, port, control_addr, env),
+                env=rank_env(rank, world_size, port, control_addr, env, drop=drop_env),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -5,8 +5,13 @@ Every launcher starts the same program on every rank, `python -m dinodist.orches
 TOPOLOGY --plan PLAN`, under torchrun (c10d rendezvous, env:// variables). `deploy` writes the plan
 (`plan.json`) beside the launch files; the rank reads the topology and that plan, and finds its
 group from its global rank: teacher ranks first, then the students in listed order. Node 0 is the
-rendezvous host and the address ranks dial for the control plane (`DINODIST_CONTROL`: zmq at
-`control.port`; `/metrics` at `metrics.port`).
+rendezvous host and runs the supervisor, `dinodist supervise` (orchestrator/supervise.py): the control
+plane every rank dials (`DINODIST_CONTROL`: zmq at `control.port`), `/metrics` at `metrics.port`, the
+failure policy and `summary.json`. On Kubernetes the supervisor is its own Job behind the control
+Service.
+
+With `control.on_failure: stop` the launchers do not restart ranks (torchrun `--max-restarts=0`): a
+failure ends the job, both node scripts exit non-zero, node 0's output naming the lost rank.
 
 Failures and preemption (docs/fault-tolerance.md): every launcher passes `--resume`, so each restart it
 makes (torchrun `--max-restarts`, a requeued SLURM job, a restarted pod) continues from the newest
@@ -59,6 +64,16 @@ class LaunchSpec:
         return name[:50] or "dinodist"
 
     @property
+    def launcher_restarts(self) -> int:
+        """torchrun --max-restarts: none under the stop policy (a failure ends the job, no restart loop)."""
+        return 0 if self.topology.control.on_failure == "stop" else self.max_restarts
+
+    @property
+    def bind(self) -> str:
+        """Where the supervisor listens: every interface across nodes (the secret is then required)."""
+        return "0.0.0.0" if self.nodes > 1 else self.topology.control.bind
+
+    @property
     def control_port(self) -> int:
         return self.topology.control.port or DEFAULT_CONTROL_PORT
 
@@ -78,12 +93,22 @@ class LaunchSpec:
         return self.plan.device != "cpu"
 
 
+def _ranges(ranks: list[int]) -> str:
+    """`0..3, 8..9`: a group placed in pieces (to keep small groups inside nodes) is not one range."""
+    parts, start = [], ranks[0]
+    for prev, cur in zip(ranks, ranks[1:] + [None]):
+        if cur != prev + 1:
+            parts.append(f"{start}..{prev}" if prev != start else str(start))
+            start = cur
+    return ", ".join(parts)
+
+
 def rank_map_lines(spec: LaunchSpec, prefix: str = "# ") -> list[str]:
     out = [f"{prefix}plan: {spec.plan.used_devices} ranks on {spec.nodes} nodes "
            f"({spec.plan.device}), {spec.plan.seconds_per_iteration:.3f} s/iter predicted"]
     for g in spec.plan.groups:
         where = ", ".join(f"node {n}: {c}" for n, _, c in g.placement)
-        out.append(f"{prefix}  {g.name:<14} ranks {g.ranks[0]}..{g.ranks[-1]}  ({where})")
+        out.append(f"{prefix}  {g.name:<14} ranks {_ranges(g.ranks)}  ({where})")
     return out
 
 
@@ -95,7 +120,7 @@ def torchrun_argv(spec: LaunchSpec, nproc: str, head: str) -> list[str]:
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={head}:{RDZV_PORT}",
         f"--rdzv-id={spec.job}",
-        f"--max-restarts={spec.max_restarts}",
+        f"--max-restarts={spec.launcher_restarts}",
         "-m", RANK_MODULE, spec.topology_path, "--plan", spec.plan_path, "--resume",
     ]
 
@@ -115,8 +140,33 @@ def _env_lines(spec: LaunchSpec, head: str) -> list[str]:
     return lines
 
 
+def supervise_argv(spec: LaunchSpec, topology_path: str, plan_path: str) -> list[str]:
+    return ["dinodist", "supervise", topology_path, "--plan", plan_path, "--bind", spec.bind,
+            "--port", str(spec.control_port)]
+
+
+def _supervised(spec: LaunchSpec, run_ranks: str) -> list[str]:
+    """Node 0: the supervisor in the background, the node's ranks in the foreground; the script's exit
+    code is the supervisor's when it failed (its last line names the lost rank), else the ranks'."""
+    sup = " ".join(shlex.quote(a) for a in supervise_argv(spec, spec.topology_path, spec.plan_path))
+    return [
+        f"{sup} &",
+        "supervisor=$!",
+        "trap 'kill -TERM \"$supervisor\" 2>/dev/null || true' EXIT",
+        "set +e",
+        run_ranks,
+        "ranks=$?",
+        'wait "$supervisor"',
+        "supervised=$?",
+        "trap - EXIT",
+        'if [ "$supervised" -ne 0 ]; then exit "$supervised"; fi',
+        'exit "$ranks"',
+    ]
+
+
 def torchrun_scripts(spec: LaunchSpec) -> dict[str, str]:
-    """One script per node; run each on its node with HEAD_ADDR set to node 0's address."""
+    """One script per node; run each on its node with HEAD_ADDR set to node 0's address. Node 0's also
+    runs the supervisor (`dinodist supervise`)."""
     files = {}
     for node in range(spec.nodes):
         argv = torchrun_argv(spec, str(spec.nproc(node)), "${HEAD_ADDR}")
@@ -129,7 +179,7 @@ def torchrun_scripts(spec: LaunchSpec) -> dict[str, str]:
             *_secret_check(spec),
             ': "${HEAD_ADDR:?set HEAD_ADDR to the address of node 0 (rendezvous and control plane)}"',
             *_env_lines(spec, "${HEAD_ADDR}"),
-            f"exec {cmd}",
+            *(_supervised(spec, cmd) if node == 0 else [f"exec {cmd}"]),
             "",
         ]
         files[f"node-{node}.sh"] = "\n".join(lines)
@@ -183,10 +233,19 @@ def sbatch_script(spec: LaunchSpec) -> str:
         '  scontrol requeue "$SLURM_JOB_ID"',
         "}",
         "trap preempt USR1",
+        "# this shell runs on node 0: the supervisor (control plane, /metrics, failure policy, summary)",
+        " ".join(shlex.quote(a) for a in supervise_argv(spec, spec.topology_path, spec.plan_path)) + " &",
+        "supervisor=$!",
         "srun --kill-on-bad-exit=1 bash -c run_node &",
         "step=$!",
-        'while kill -0 "$step" 2>/dev/null; do wait "$step" || true; done',
+        "set +e",
+        'while kill -0 "$step" 2>/dev/null; do wait "$step"; done',
         'wait "$step"',
+        "ranks=$?",
+        'wait "$supervisor"',
+        "supervised=$?",
+        'if [ "$supervised" -ne 0 ]; then exit "$supervised"; fi',
+        'exit "$ranks"',
         "",
     ]
     return "\n".join(lines)
@@ -222,12 +281,6 @@ def _resources(spec: LaunchSpec) -> dict:
     return {"requests": {"cpu": n}, "limits": {"cpu": n}}
 
 
-def _head_selector(spec: LaunchSpec, kind: str) -> dict:
-    if kind == "trainjob":  # Trainer v2 runs the nodes as a JobSet replicated job "node"
-        return {"jobset.sigs.k8s.io/jobset-name": spec.job, "batch.kubernetes.io/job-completion-index": "0"}
-    return {"training.kubeflow.org/job-name": spec.job, "training.kubeflow.org/replica-type": "master"}
-
-
 def k8s_manifests(spec: LaunchSpec, kind: str = "trainjob") -> str:
     if kind not in ("trainjob", "pytorchjob"):
         raise DinodistError(f"--k8s-kind: {kind!r} is not trainjob or pytorchjob")
@@ -240,25 +293,45 @@ def k8s_manifests(spec: LaunchSpec, kind: str = "trainjob") -> str:
     config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(spec, f"{spec.job}-topology"),
               "data": {"topology.yaml": spec.topology_text,
                        PLAN_FILE: json.dumps(spec.plan.to_dict(), indent=1)}}
-    ports = [{"name": "control", "port": spec.control_port}, {"name": "rdzv", "port": RDZV_PORT},
+    ports = [{"name": "control", "port": spec.control_port},
              {"name": "metrics", "port": spec.topology.metrics.port}]
+    scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": str(spec.topology.metrics.port),
+              "prometheus.io/path": "/metrics"}
+    # the control Service is the supervisor's: ranks dial it, Prometheus scrapes it
+    supervisor_labels = {"app.kubernetes.io/name": "dinodist", "dinodist/topology": spec.job,
+                         "dinodist/role": "supervisor"}
     service = {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": _meta(spec, f"{spec.job}-control", annotations={
-            "prometheus.io/scrape": "true", "prometheus.io/port": str(spec.topology.metrics.port),
-            "prometheus.io/path": "/metrics"}),
-        "spec": {"clusterIP": "None", "selector": _head_selector(spec, kind), "ports": ports,
+        "metadata": _meta(spec, f"{spec.job}-control", annotations=scrape),
+        "spec": {"clusterIP": "None", "selector": supervisor_labels, "ports": ports,
                  "publishNotReadyAddresses": True},
     }
     volume = {"name": "topology", "configMap": {"name": f"{spec.job}-topology"}}
     mount = {"name": "topology", "mountPath": CONFIG_MOUNT, "readOnly": True}
-    command = ["torchrun", f"--max-restarts={spec.max_restarts}", "-m", RANK_MODULE, TOPOLOGY_MOUNT,
+    sup_env = [e for e in _container_env(spec) if e["name"] != CONTROL_ENV]
+    supervisor = {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": _meta(spec, f"{spec.job}-supervisor"),
+        "spec": {
+            # a supervisor that exits 1 after a failure is started again; the ranks' restarts re-register
+            "backoffLimit": spec.launcher_restarts,
+            "template": {
+                "metadata": {"labels": supervisor_labels, "annotations": scrape},
+                "spec": {"restartPolicy": "Never", "volumes": [volume], "containers": [{
+                    "name": "supervisor", "image": spec.image,
+                    "command": supervise_argv(spec, TOPOLOGY_MOUNT, PLAN_MOUNT),
+                    "ports": [{"name": p["name"], "containerPort": p["port"]} for p in ports],
+                    "env": sup_env, "volumeMounts": [mount],
+                    "resources": {"requests": {"cpu": "1", "memory": "1Gi"}}}]},
+            },
+        },
+    }
+    command = ["torchrun", f"--max-restarts={spec.launcher_restarts}", "-m", RANK_MODULE, TOPOLOGY_MOUNT,
                "--plan", PLAN_MOUNT, "--resume"]
-    annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(spec.topology.metrics.port)}
     if kind == "trainjob":
         job = {
             "apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
-            "metadata": _meta(spec, spec.job, annotations=annotations),
+            "metadata": _meta(spec, spec.job),
             "spec": {
                 "runtimeRef": {"name": "torch-distributed"},
                 "trainer": {
@@ -268,7 +341,6 @@ def k8s_manifests(spec: LaunchSpec, kind: str = "trainjob") -> str:
                 },
                 "podTemplateOverrides": [{
                     "targetJobs": [{"name": "node"}],
-                    "metadata": {"annotations": annotations},
                     "spec": {"volumes": [volume], "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
                              "containers": [{"name": "node", "volumeMounts": [mount]}]},
                 }],
@@ -277,7 +349,6 @@ def k8s_manifests(spec: LaunchSpec, kind: str = "trainjob") -> str:
     else:
         def replica(n: int) -> dict:
             return {"replicas": n, "restartPolicy": "OnFailure", "template": {
-                "metadata": {"annotations": annotations},
                 "spec": {"volumes": [volume], "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
                          "containers": [{
                     "name": "pytorch", "image": spec.image, "command": command,
@@ -287,13 +358,13 @@ def k8s_manifests(spec: LaunchSpec, kind: str = "trainjob") -> str:
             specs["Worker"] = replica(spec.nodes - 1)
         job = {
             "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-            "metadata": _meta(spec, spec.job, annotations=annotations),
+            "metadata": _meta(spec, spec.job),
             # pod restarts (restartPolicy OnFailure) resume; after backoffLimit the job fails
             "spec": {"nprocPerNode": str(spec.nproc(0)), "pytorchReplicaSpecs": specs,
-                     "runPolicy": {"backoffLimit": spec.max_restarts}},
+                     "runPolicy": {"backoffLimit": spec.launcher_restarts}},
         }
     header = "\n".join(rank_map_lines(spec)) + "\n"
-    return header + yaml.safe_dump_all([config, service, job], sort_keys=False)
+    return header + yaml.safe_dump_all([config, service, supervisor, job], sort_keys=False)
 
 
 def write_launch_files(

@@ -252,7 +252,10 @@ def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str,
                 totals["checkpoint_seconds"] += time.perf_counter() - tc
             if report is not None:
                 cmd = report({"iteration": it, "step_seconds": step, "wait_seconds": wait, "images": rows,
-                              "losses": {"total": group_loss, **terms}})
+                              "losses": {"total": group_loss, **terms},
+                              # a host-side counter read: no device sync
+                              "torch_peak_allocated_bytes": torch.cuda.max_memory_allocated(ctx.device)
+                              if ctx.device.type == "cuda" else None})
                 if cmd == "checkpoint" and saved != it + 1:
                     saved = _checkpoint(job, ctx, towers, ema, optimizer, it + 1)
                 elif cmd == "stop":

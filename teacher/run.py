@@ -343,7 +343,9 @@ def _serve(job: TeacherJob, exchange: ExchangePlan, rank: int, group_rank: int, 
             if report is not None:
                 cmd = report({"iteration": it, "step_seconds": step, "wait_seconds": wait,
                               "images": stop - start, "teacher_forwards": 1 if group_rank == 0 else 0,
-                              "target_bytes_sent": nbytes})
+                              "target_bytes_sent": nbytes,
+                              "torch_peak_allocated_bytes": torch.cuda.max_memory_allocated(device)
+                              if device.type == "cuda" else None})
                 if cmd == "stop":
                     raise DinodistError(f"teacher rank {rank}: stopped by the orchestrator at iteration {it}")
                 if cmd == "preempt":

@@ -55,6 +55,8 @@ def _stubs(bin_dir: Path, hosts: list[str]) -> None:
         "#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\n"
         f"for i in $(seq 0 {len(hosts) - 1}); do SLURM_NODEID=$i \"$@\"; done\n")
     (bin_dir / "torchrun").write_text("#!/bin/bash\necho \"node=$SLURM_NODEID $*\"\n")
+    # the batch shell runs the supervisor on node 0; here it only has to be there
+    (bin_dir / "dinodist").write_text("#!/bin/bash\nexit 0\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
 
@@ -100,8 +102,13 @@ def test_k8s_manifests_load_and_count_ranks(kind):
     spec = spec_for(PAPER)
     docs = list(yaml.safe_load_all(k8s_manifests(spec, kind)))
     kinds = [d["kind"] for d in docs]
-    assert kinds == ["ConfigMap", "Service", "TrainJob" if kind == "trainjob" else "PyTorchJob"]
-    config, service, job = docs
+    assert kinds == ["ConfigMap", "Service", "Job", "TrainJob" if kind == "trainjob" else "PyTorchJob"]
+    config, service, supervisor, job = docs
+    # the control Service fronts the supervisor, which serves the control plane and /metrics
+    pod = supervisor["spec"]["template"]
+    assert service["spec"]["selector"] == pod["metadata"]["labels"]
+    assert pod["spec"]["containers"][0]["command"][:2] == ["dinodist", "supervise"]
+    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     assert yaml.safe_load(config["data"]["topology.yaml"]) == yaml.safe_load(PAPER.read_text())
     assert service["spec"]["clusterIP"] == "None"
     assert service["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
@@ -134,15 +141,15 @@ def test_deploy_cli_writes_files(tmp_path, capsys):
                  "--image", "reg/dinodist:1"]) == 0
     plan_path, path = capsys.readouterr().out.split()
     docs = list(yaml.safe_load_all(Path(path).read_text()))
-    assert docs[2]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["image"] \
+    assert docs[3]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["image"] \
         == "reg/dinodist:1"
     # the ranks read the plan deploy made, from the ConfigMap
     assert json.loads(docs[0]["data"]["plan.json"]) == json.loads(Path(plan_path).read_text())
-    command = docs[2]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+    command = docs[3]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
     # every pod restart resumes from the newest common checkpoint instead of starting over
     assert command[-4:] == ["/etc/dinodist/topology.yaml", "--plan", "/etc/dinodist/plan.json", "--resume"]
-    assert docs[2]["spec"]["runPolicy"]["backoffLimit"] == 3
-    pod = docs[2]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert docs[3]["spec"]["runPolicy"]["backoffLimit"] == 3
+    pod = docs[3]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == 300  # time for one iteration and a checkpoint
     assert main(["deploy", "torchrun", str(DEMO), "--out", str(tmp_path / "t")]) == 0
     assert [Path(p).name for p in capsys.readouterr().out.split()] == ["plan.json", "node-0.sh"]
@@ -176,6 +183,7 @@ def test_sbatch_preemption_notice_reaches_the_ranks_then_requeues(tmp_path):
                 'for i in 0 1; do SLURM_NODEID=$i "$@" & done; wait\n',
         # scancel --signal=USR1 JOB signals every task of the job's steps: the run_node shells
         "scancel": f'#!/bin/bash\necho "scancel $*" >> {log}\npkill -USR1 -f "^bash -c run_node$"\n',
+        "dinodist": "#!/bin/bash\nexit 0\n",  # the supervisor the batch shell starts
         # a rank: waits for USR1, then "checkpoints" and exits 75
         "torchrun": "#!/bin/bash\n"
                     f"bash -c 'trap \"echo rank-usr1 >> {log}; exit 75\" USR1; echo started >> {log}; "

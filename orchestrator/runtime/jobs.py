@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dinodist.core.control.client import CONTROL_ENV
+from dinodist.core.control.client import CONTROL_ENV, rank_key_from_env
 from dinodist.core.control.thread import ControlThread
 from dinodist.core.data.augment import CropConfig
 from dinodist.core.distributed import destroy
@@ -157,14 +157,22 @@ def exchange_plan(plan: RunPlan) -> ExchangePlan:
                         even_batches=plan.even_batches)
 
 
-def start_control(topo: Topology, rank: int, group: str, role: str, world: dict) -> ControlThread | None:
-    """The rank's control-plane thread when a supervisor started it ($DINODIST_CONTROL), else None."""
+def start_control(topo: Topology, rank: int, group: str, role: str, world: dict,
+                  device: torch.device | None = None) -> ControlThread | None:
+    """The rank's control-plane thread when a supervisor started it ($DINODIST_CONTROL), else None.
+
+    Its key: $DINODIST_CONTROL_KEY from the supervisor's launcher, else derived from the secret in
+    control.secret_env (launch files). On a CUDA `device` it also reports that GPU through NVML."""
     addr = os.environ.get(CONTROL_ENV)
     if not addr:
         return None
     c = topo.control
-    secret = os.environ.get(c.secret_env) if c.secret_env else None
-    return ControlThread(addr, rank, group, role, secret, world, heartbeat_interval_s=c.heartbeat_interval_s)
+    key = rank_key_from_env(rank, group, c.secret_env)
+    cuda = None
+    if device is not None and device.type == "cuda":
+        cuda = device.index if device.index is not None else torch.cuda.current_device()
+    return ControlThread(addr, rank, group, role, None, world, heartbeat_interval_s=c.heartbeat_interval_s,
+                         key=key, cuda_device=cuda)
 
 
 @contextlib.contextmanager

@@ -77,7 +77,7 @@ def run_live_rank(topo: Topology, plan: RunPlan, out_dir: Path, resume: bool = F
     group_rank = gp.ranks.index(info.rank)
     control = start_control(topo, info.rank, gp.name, gp.role,
                             {"world_size": info.world_size, "group_rank": group_rank,
-                             "group_size": len(gp.ranks)})
+                             "group_size": len(gp.ranks)}, device=info.device)
     report = control.report if control is not None else None
     with reporting_to(control, info.rank, gp.name):
         if gp.role == "teacher":
@@ -124,7 +124,7 @@ def run_restarted_teacher_rank(topo: Topology, plan: RunPlan, out_dir: Path) -> 
     mesh = group_mesh(pg, teacher_ranks, info.device.type)
     control = start_control(topo, info.rank, plan.teacher.name, "teacher",
                             {"world_size": info.world_size, "group_rank": info.rank,
-                             "group_size": len(teacher_ranks)})
+                             "group_size": len(teacher_ranks)}, device=info.device)
     report = control.report if control is not None else None
     with reporting_to(control, info.rank, plan.teacher.name):
         totals = run_teacher(teacher_job(topo, out_dir, plan), exchange_plan(plan), info.rank, pg, mesh,

@@ -131,7 +131,7 @@ def run_replay_rank(topo: Topology, plan: RunPlan, out_dir: Path, store: str, na
     newest_at_start = source.newest()
     global_rank = int(os.environ.get(CONTROL_RANK_ENV, info.rank))
     control = start_control(topo, global_rank, name, "student",
-                            {"world_size": n, "group_rank": info.rank, "group_size": n})
+                            {"world_size": n, "group_rank": info.rank, "group_size": n}, device=info.device)
     report = control.report if control is not None else None
     ctx = GroupContext(pg, mesh, info.rank, n, start, stop, info.device)
     record = {"rank": global_rank, "group": name, "role": "student", "replay": str(store), "follow": follow,
