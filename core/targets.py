@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from dinodist.core.data.masking import sample_masks
 from dinodist.core.data.sampler import global_batch
-from dinodist.core.errors import DinodistError
+from dinodist.core.errors import DinodistError, first_line
 from dinodist.core.rows import rank_rows
 
 log = logging.getLogger(__name__)
@@ -409,9 +409,8 @@ class FailoverTargetSource:
             try:
                 return self.live.get(iteration)
             except RuntimeError as exc:  # torch.distributed's errors for a peer that is gone
-                first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
                 log.warning("targets of iteration %d: the teacher cannot be reached (%s); following the "
-                            "target store from here", iteration, first)
+                            "target store from here", iteration, first_line(exc))
                 self.store, self.failed_over_at = self.fallback(iteration), iteration
         return self.store.get(iteration)
 

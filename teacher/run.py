@@ -38,7 +38,7 @@ from dinodist.core.data.augment import CropConfig
 from dinodist.core.data.loader import BatchLoader
 from dinodist.core.data.sampler import global_batch
 from dinodist.core.data.sources import build_source
-from dinodist.core.errors import DinodistError
+from dinodist.core.errors import DinodistError, first_line
 from dinodist.core.models import HeadSpec
 from dinodist.core.target_store import StoreWriter
 from dinodist.core.targets import (
@@ -198,9 +198,8 @@ class _Sends:
         if not self.detach or group == "":
             raise exc
         self.detached[group] = iteration
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         log.warning("teacher rank %d: group %s cannot be reached at iteration %d (%s); no more targets go to "
-                    "it (it catches up from the target store)", self.rank, group, iteration, first)
+                    "it (it catches up from the target store)", self.rank, group, iteration, first_line(exc))
 
 
 def _agree_last(local: bool, flag_group) -> bool:

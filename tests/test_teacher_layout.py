@@ -3,6 +3,7 @@ mesh gives the unsharded teacher's targets, and the layouts the planner may choo
 
 import pytest
 import torch
+from test_teacher_startup import assert_targets_match
 
 from dinodist.core.errors import DinodistError
 from dinodist.core.models.arch import TINY_DINO_HEAD, TINY_IBOT_HEAD
@@ -38,13 +39,7 @@ def _hsdp_rank(rank: int, ref_path: str, teacher_ranks: list[int], shard_size: i
     shard_ranks = w.device_mesh["shard"].mesh.tolist()
     assert shard_ranks == sorted(shard_ranks) and shard_ranks[-1] - shard_ranks[0] == shard_size - 1
     assert w.to_local().shape[0] == -(-w.shape[0] // shard_size)
-    ref = torch.load(ref_path, weights_only=True)
-    with torch.no_grad():
-        out = model(ref["crops"], ref["masks"])
-    for k in ("dino", "ibot", "ibot_counts"):
-        torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
-    for k, w in last_layers(model).items():
-        assert torch.equal(w, ref[k]), k
+    assert_targets_match(model, ref_path)
 
 
 @pytest.mark.multiproc

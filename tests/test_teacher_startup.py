@@ -203,11 +203,18 @@ def _fsdp_rank(rank: int, path: str, want: str) -> None:
     import torch.distributed as dist
 
     from dinodist.core.distributed import group_mesh
-    from dinodist.teacher.model import last_layers, shard_teacher
+    from dinodist.teacher.model import shard_teacher
 
     loaded = load_teacher("tiny-vit7b", {}, path, "heads", TINY_DINO_HEAD, TINY_IBOT_HEAD)
     model = shard_teacher(loaded.model, group_mesh(dist.group.WORLD, [0, 1], "cpu"), "fsdp")
-    ref = torch.load(want, weights_only=True)
+    assert_targets_match(model, want)
+
+
+def assert_targets_match(model, ref_path: str) -> None:
+    """A sharded teacher's targets and last layers equal the unsharded one's, saved at `ref_path`."""
+    from dinodist.teacher.model import last_layers
+
+    ref = torch.load(ref_path, weights_only=True)
     with torch.no_grad():
         out = model(ref["crops"], ref["masks"])
     for k in ("dino", "ibot", "ibot_counts"):
