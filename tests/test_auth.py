@@ -11,6 +11,7 @@ import time
 import msgpack
 import pytest
 import zmq
+from test_control import pump, raw_dealer
 
 from dinodist.core.control import messages as m
 from dinodist.core.control.client import KEY_ENV, ControlClient, rank_key_from_env
@@ -20,20 +21,6 @@ from dinodist.orchestrator import control as control_mod
 from dinodist.orchestrator.control import ControlServer
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def pump(server: ControlServer, until, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not until():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        server.poll(0.02)
-
-
-def dealer(address: str) -> zmq.Socket:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
-    return sock
 
 
 def signed(key: bytes, rank: int, group: str, payload: dict | bytes, claim: tuple[int, str] | None = None
@@ -108,7 +95,7 @@ def test_server_makes_a_job_secret_and_every_rank_gets_its_own_key(monkeypatch):
 def test_forged_register_cannot_take_over_a_rank(job):
     srv, ranks = job
     before = srv.ranks()[0]
-    sock = dealer(srv.address)
+    sock = raw_dealer(srv.address)
     forged = register(0, "a", pid=1)
     sock.send_multipart(signed(b"\x01" * 32, 0, "a", forged))  # a guessed key
     sock.send_multipart(signed(srv.rank_key(2), 0, "a", forged))  # another rank's key
@@ -131,7 +118,7 @@ def test_forged_register_cannot_take_over_a_rank(job):
 def test_forged_error_does_not_stop_the_job(job):
     srv, ranks = job
     session = srv.ranks()[2].session  # even knowing the session (it is not secret) is not enough
-    sock = dealer(srv.address)
+    sock = raw_dealer(srv.address)
     error = envelope("error", 2, "b", session, 99, message="forged failure")
     done = {**heartbeat(2, "b", session, 100, 5), "kind": "done"}
     for payload in (error, done):
@@ -152,7 +139,7 @@ def test_forged_error_does_not_stop_the_job(job):
 def test_replayed_and_stale_messages_are_rejected(job):
     srv, ranks = job
     key, session = srv.rank_key(2), srv.ranks()[2].session
-    sock = dealer(srv.address)
+    sock = raw_dealer(srv.address)
     captured = signed(key, 2, "b", heartbeat(2, "b", session, 50, 7))
     sock.send_multipart(captured)
     pump(srv, lambda: srv.ranks()[2].iteration == 7)
@@ -170,7 +157,7 @@ def test_one_rank_cannot_speak_for_another(job):
     srv, ranks = job
     key1 = srv.rank_key(1)  # what rank 1's process holds
     session = srv.ranks()[2].session
-    sock = dealer(srv.address)
+    sock = raw_dealer(srv.address)
     # signed with rank 1's key, claiming to be rank 2 in the header: wrong key for rank 2
     sock.send_multipart(signed(key1, 2, "b", envelope("error", 2, "b", session, 7, message="x"),
                                claim=(2, "b")))
@@ -234,7 +221,7 @@ def _events(srv: ControlServer) -> list:
 def test_bad_peers_are_logged_once_each_and_never_stop_the_server(job, caplog, monkeypatch):
     srv, ranks = job
     caplog.set_level(logging.WARNING, logger="dinodist.control")
-    noisy, quiet = dealer(srv.address), dealer(srv.address)
+    noisy, quiet = raw_dealer(srv.address), raw_dealer(srv.address)
     for i in range(200):
         noisy.send_multipart([b"junk %d" % i])
     for _ in range(3):
@@ -246,7 +233,7 @@ def test_bad_peers_are_logged_once_each_and_never_stop_the_server(job, caplog, m
     assert any("(malformed)" in line for line in lines) and any("(mac)" in line for line in lines)
     # peers reconnecting in a loop get a new identity each time: a few lines per window, then a summary
     caplog.clear()
-    churn = [dealer(srv.address) for _ in range(30)]
+    churn = [raw_dealer(srv.address) for _ in range(30)]
     for sock in churn:
         sock.send_multipart([b"x", b"y", b"z"])
     pump(srv, lambda: sum(srv.rejected.values()) == 233)
@@ -301,7 +288,7 @@ def test_no_unsigned_control_plane_remains(job):
     """What used to be accepted on loopback, a plain msgpack frame, is now refused for every kind."""
     srv, _ = job
     session = srv.ranks()[2].session
-    sock = dealer(srv.address)
+    sock = raw_dealer(srv.address)
     payloads = [register(1, "b"), heartbeat(2, "b", session, 70, 40),
                 envelope("error", 2, "b", session, 71, message="forged"),
                 {**m.stamp(), "kind": "ack", "rank": 2, "group": "b", "session": session, "acked": "command",
