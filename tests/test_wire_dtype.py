@@ -152,8 +152,8 @@ def _inline(topology_path: str, out: str) -> None:
 
 
 def _run_inline(topology_path: Path, out: Path) -> list[dict]:
-    # forked: the same code as `python -m dinodist.orchestrator.runtime.inline`, without a re-import
-    child = mp.get_context("fork").Process(target=_inline, args=(str(topology_path), str(out)))
+    # spawned, not forked: a fork after earlier tests started threads can deadlock the child (seen once)
+    child = mp.get_context("spawn").Process(target=_inline, args=(str(topology_path), str(out)))
     child.start()
     child.join(150)
     assert child.exitcode == 0
