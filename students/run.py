@@ -40,6 +40,7 @@ from dinodist.core.data.loader import BatchLoader
 from dinodist.core.data.sources import build_source
 from dinodist.core.errors import DinodistError
 from dinodist.core.models import HeadSpec, build_backbone, compile_blocks, load_backbone_state, save_backbone
+from dinodist.core.models.io import write_sidecar
 from dinodist.core.models.rope import set_rope_dtype, student_rope_dtype
 from dinodist.core.rows import loss_scale, rank_rows
 from dinodist.core.targets import HEADS, TargetSource, crop_major, masks_from_collated, step_timer
@@ -82,6 +83,7 @@ class StudentJob:
     keep_checkpoints: int
     activation_checkpointing: bool | str  # true / "full", "selective", false / "none"
     compile: bool  # torch.compile each backbone block
+    teacher: str | None  # the teacher checkpoint (recorded in the backbone's sidecar)
 
     @property
     def group_dir(self) -> Path:
@@ -271,7 +273,7 @@ def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str,
         loader.close()
         if writer is not None:
             writer.close()
-    export_backbone(ema, job.arch, job.overrides, group_dir / "backbone.pth", ctx)
+    export_backbone(ema, job, group_dir / "backbone.pth", ctx, job.iterations)
     return totals
 
 
@@ -281,12 +283,14 @@ def _checkpoint(job: StudentJob, ctx: GroupContext, towers: torch.nn.Module, ema
     then the EMA backbone as `<group_dir>/backbone.pth`; returns `iteration`."""
     save_checkpoint(job.group_dir / "ckpt", iteration, towers, optimizer, meta={"group": job.name},
                     keep=job.keep_checkpoints, group=ctx.group)
-    export_backbone(ema, job.arch, job.overrides, job.group_dir / "backbone.pth", ctx)
+    export_backbone(ema, job, job.group_dir / "backbone.pth", ctx, iteration)
     return iteration
 
 
-def export_backbone(ema: torch.nn.Module, arch: str, overrides: dict, path: Path, ctx: GroupContext) -> None:
-    """The EMA backbone as a flat official state dict (all ranks gather, group rank 0 writes)."""
+def export_backbone(ema: torch.nn.Module, job: StudentJob, path: Path, ctx: GroupContext,
+                    iteration: int) -> None:
+    """The EMA backbone as a flat official state dict (all ranks gather, group rank 0 writes), with a
+    sidecar `<path>.json` naming its arch, so `eval`, `viz` and `export` load it without `--arch`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     # no cpu_offload: that option keeps the result on *global* rank 0 only, not the group's first rank
@@ -294,6 +298,12 @@ def export_backbone(ema: torch.nn.Module, arch: str, overrides: dict, path: Path
     if ctx.group_rank != 0:
         return
     sd = {k[len("backbone."):]: v.detach().cpu() for k, v in full.items() if k.startswith("backbone.")}
-    backbone = build_backbone(arch, device="meta", **(overrides or {}))
-    load_backbone_state(backbone, sd, source=f"EMA of {arch}")
+    backbone = build_backbone(job.arch, device="meta", **(job.overrides or {}))
+    load_backbone_state(backbone, sd, source=f"EMA of {job.arch}")
     save_backbone(backbone, path)
+    write_sidecar(path, {
+        "format": "dinodist-student-v1", "layout": "backbone", "arch": job.arch,
+        "overrides": dict(job.overrides or {}), "image_size": job.crops.global_size,
+        "source": {"run_dir": str(job.out_dir), "group": job.name, "iteration": iteration,
+                   "teacher": job.teacher, "data": job.source, "targets": job.kind},
+    })

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from dinodist.core.eval.backbone import load_eval_backbone
 from dinodist.core.models.io import load_backbone
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,6 +131,13 @@ def test_distill_five_ranks_metrics_summary_and_exports(tmp_path):
         # the exported EMA backbone loads strictly into the official layout of its arch
         model = load_backbone(out / name / "backbone.pth", name, depth=2)
         assert sum(p.numel() for p in model.parameters()) > 0
+        # ... and the group folder alone is enough: its sidecar names the arch and the overrides
+        again, _, desc = load_eval_backbone(str(out / name), None)
+        assert name in desc and len(again.blocks) == 2
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, again.state_dict()[k]), k
+        side = json.loads((out / name / "backbone.pth.json").read_text())
+        assert side["source"]["group"] == name and side["source"]["iteration"] == iterations
         ckpts = sorted((out / name / "ckpt").iterdir(), key=lambda p: int(p.name))
         assert [p.name for p in ckpts] == ["2", "4"] and all((p / "meta.json").is_file() for p in ckpts)
     resolved = yaml.safe_load((out / "topology.yaml").read_text())

@@ -21,7 +21,8 @@ def load_eval_backbone(checkpoint: str | None, arch: str | None,
     """(backbone in eval mode, default image size or None, description) for `dinodist eval`.
 
     `checkpoint`: a teacher export .pth with its .json sidecar, a `dinodist train` run folder (its
-    EMA teacher), an official backbone .pth (needs `arch`), or None for the random init of `arch`.
+    EMA teacher), a `dinodist distill` group folder (its `backbone.pth` and sidecar), an official
+    backbone .pth (needs `arch`), or None for the random init of `arch`.
     """
 
     if checkpoint is None:
@@ -30,9 +31,12 @@ def load_eval_backbone(checkpoint: str | None, arch: str | None,
         torch.manual_seed(seed)
         return build_backbone(arch).eval(), None, f"random init of {arch} (seed {seed})"
     path = Path(checkpoint)
+    if path.is_dir() and (path / "backbone.pth").is_file() and not (path / "config.yaml").is_file():
+        path = path / "backbone.pth"  # a distill group folder: its EMA backbone, described by its sidecar
     if path.is_dir():
         if not (path / "config.yaml").is_file():
-            raise DinodistError(f"{path}: no config.yaml (not a `dinodist train` output folder)")
+            raise DinodistError(f"{path}: neither a `dinodist train` run folder (config.yaml) nor a "
+                                f"`dinodist distill` group folder (backbone.pth)")
         cfg = load_stage_config(path / "config.yaml")
         bb = build_backbone(cfg.model.arch, **cfg.model.overrides)
         ck = find_checkpoint(path, "--checkpoint")

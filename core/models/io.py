@@ -7,6 +7,7 @@ Every problem is reported as one `DinodistError` line naming the file and the ar
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import zipfile
@@ -33,6 +34,15 @@ def save_backbone(model: DinoVisionTransformer, path: str | os.PathLike) -> None
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def write_sidecar(path: str | os.PathLike, meta: dict) -> Path:
+    """`<path>.json` describing the checkpoint at `path`, written atomically (a reader never sees half)."""
+    side = Path(str(path) + ".json")
+    tmp = Path(str(side) + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, side)
+    return side
 
 
 def _unwrap(obj: object, source: str) -> dict[str, Tensor]:

@@ -9,7 +9,6 @@ and under `file` the .pth's size, mtime and sha256: the checkpoint's identity (a
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 from dinodist.core.checkpoint import latest_valid_checkpoint, load_checkpoint
 from dinodist.core.errors import DinodistError
-from dinodist.core.models.io import file_record, save_backbone
+from dinodist.core.models.io import file_record, save_backbone, write_sidecar
 from dinodist.core.ssl.config import load_stage_config
 from dinodist.core.ssl.loop import build_for_export
 from dinodist.core.ssl.model import sidecar, teacher_export_state
@@ -57,7 +56,5 @@ def export_teacher(run_dir: str | Path, out: str | Path, backbone_only: bool = F
     side["source"] = {"run_dir": str(run_dir), "checkpoint": str(ck), "stage": cfg.stage}
     side["file"] = file_record(out)
     # atomic: a teacher starting meanwhile never reads a half-written sidecar (a one-line error)
-    tmp = Path(str(out) + ".json.tmp")
-    tmp.write_text(json.dumps(side, indent=1))
-    os.replace(tmp, Path(str(out) + ".json"))
+    write_sidecar(out, side)
     return out, side

@@ -125,6 +125,7 @@ def student_job(topo: Topology, name: str, out_dir: str | Path) -> StudentJob:
         mask_prob=d.mask_probability, mask_ratio=tuple(d.mask_ratio), optim=optim, loss=loss,
         checkpoint_every=tr["checkpoint_every"], keep_checkpoints=tr["keep_checkpoints"],
         activation_checkpointing=s.activation_checkpointing, compile=s.compile,
+        teacher=topo.teacher.checkpoint,
     )
 
 
