@@ -284,22 +284,44 @@ def _unpack(kind: str, dims: TargetDims, it: int, start: int, stop: int, counts:
     return Targets(kind, it, start, stop, {"cls": cls, "patch": patch})
 
 
+def _send_header(header: torch.Tensor, dst: int, device: torch.device, header_group) -> object:
+    """isend a header (a host tensor): over `header_group` (a gloo group) as it is, else on `device`
+    with the payload's backend."""
+    if header_group is not None:
+        return dist.isend(header, dst=dst, group=header_group)
+    return dist.isend(header.to(device), dst=dst)
+
+
+def _recv_header(numel: int, src: int, device: torch.device, header_group) -> tuple[torch.Tensor, object]:
+    """Post a header receive: into host memory over `header_group`, else into `device` memory."""
+    if header_group is not None:
+        header = torch.empty(numel, dtype=torch.long)
+        return header, dist.irecv(header, src=src, group=header_group)
+    header = torch.empty(numel, dtype=torch.long, device=device)
+    return header, dist.irecv(header, src=src)
+
+
 def send_transfer(targets: Targets, tr: Transfer, device: torch.device,
-                  wire_dtype: torch.dtype = torch.float32) -> tuple[list, int]:
-    """isend one student rank its rows `tr` of this teacher rank's block; returns (works, bytes)."""
+                  wire_dtype: torch.dtype = torch.float32, header_group=None) -> tuple[list, int]:
+    """isend one student rank its rows `tr` of this teacher rank's block; returns (works, bytes).
+
+    `header_group`: a gloo group of the whole world for the small headers when the payloads travel
+    over NCCL, so a receiver reads the header (its iteration, rows and last flag) from host memory
+    without waiting for its GPU stream; None sends both on the default group.
+    """
     part = targets.slice(tr.start, tr.stop)
-    header = _header(part).to(device)
+    header = _header(part)
     payload = _payload(part, wire_dtype).to(device)
-    works = [dist.isend(header, dst=tr.dst), dist.isend(payload, dst=tr.dst)]
+    works = [_send_header(header, tr.dst, device, header_group), dist.isend(payload, dst=tr.dst)]
     return works, header.numel() * header.element_size() + payload.numel() * payload.element_size()
 
 
 def send_targets(plan: ExchangePlan, rank: int, targets: Targets, device: torch.device,
-                 wire_dtype: torch.dtype = torch.float32) -> tuple[list, int]:
+                 wire_dtype: torch.dtype = torch.float32, header_group=None) -> tuple[list, int]:
     """isend every student rank its rows of this teacher rank's block; returns (works, bytes sent)."""
     works, nbytes = [], 0
     for tr in plan.sends(rank):
-        w, n = send_transfer(targets, tr, device, wire_dtype)
+        w, n = send_transfer(targets, tr, device, wire_dtype, header_group)
         works += w
         nbytes += n
     return works, nbytes
@@ -322,13 +344,14 @@ class P2PTargetSource:
 
     def __init__(self, plan: ExchangePlan, rank: int, dims: TargetDims, iterations: range,
                  counts_fn: Callable[[int], torch.Tensor] | None, device: torch.device,
-                 depth: int = 1, wire_dtype: torch.dtype = torch.float32) -> None:
+                 depth: int = 1, wire_dtype: torch.dtype = torch.float32, header_group=None) -> None:
         if depth < 1:
             raise DinodistError(f"train.prefetch_depth must be >= 1, got {depth}")
         if dims.kind == HEADS and counts_fn is None:
             raise DinodistError("heads targets need a counts function (the student's masks)")
         self.plan, self.rank, self.dims, self.device = plan, rank, dims, device
         self.counts_fn, self.depth, self.wire_dtype = counts_fn, depth, wire_dtype
+        self.header_group = header_group  # see send_transfer: headers in host memory, no device read
         self.iterations = iterations
         self.start, self.stop = plan.student_rows(rank)
         self.transfers = plan.recvs(rank)
@@ -343,10 +366,10 @@ class P2PTargetSource:
             a, b = tr.start - self.start, tr.stop - self.start
             part_counts = counts[a:b] if counts is not None else None
             n_ibot = int(part_counts.sum()) if part_counts is not None else 0
-            header = torch.empty(_HEADER_FIXED + 2 * (b - a), dtype=torch.long, device=self.device)
+            header, wh = _recv_header(_HEADER_FIXED + 2 * (b - a), tr.src, self.device, self.header_group)
             numel = self.dims.payload_numel(b - a, n_ibot)
             payload = torch.empty(numel, dtype=self.wire_dtype, device=self.device)
-            works = (dist.irecv(header, src=tr.src), dist.irecv(payload, src=tr.src))
+            works = (wh, dist.irecv(payload, src=tr.src))
             pending.append((tr, part_counts, n_ibot, header, payload, works))
         self._posted.append((it, pending))
 
@@ -366,7 +389,7 @@ class P2PTargetSource:
         parts, last = [], False
         for tr, counts, n_ibot, header, payload, (wh, wp) in pending:
             wh.wait()
-            header = header.cpu()
+            header = header.cpu()  # a no-op for a header that came over the gloo header group
             expect = [iteration, tr.start, tr.stop, n_ibot]
             if header[:_HEADER_CHECKED].tolist() != expect or (
                 counts is not None and not torch.equal(header[_HEADER_FIXED:], counts.flatten().cpu())
@@ -605,11 +628,10 @@ def dims_of(targets: Targets) -> TargetDims:
     return TargetDims(FEATURES, feat_dim=t["cls"].shape[-1], n_patches=t["patch"].shape[2])
 
 
-def send_block(targets: Targets, dst: int, device: torch.device) -> list:
+def send_block(targets: Targets, dst: int, device: torch.device, header_group=None) -> list:
     """isend a whole row block (header, then float32 payload) to one rank: the store gather."""
-    header = _header(targets).to(device)
     payload = _payload(targets, torch.float32).to(device)
-    return [dist.isend(header, dst=dst), dist.isend(payload, dst=dst)]
+    return [_send_header(_header(targets), dst, device, header_group), dist.isend(payload, dst=dst)]
 
 
 @dataclass
@@ -628,22 +650,22 @@ class PendingBlock:
 
 
 def post_recv_block(dims: TargetDims, src: int, iteration: int, start: int, stop: int,
-                    counts: torch.Tensor | None, device: torch.device) -> PendingBlock:
+                    counts: torch.Tensor | None, device: torch.device, header_group=None) -> PendingBlock:
     """Post the receives of rows [start, stop) of `iteration` from `src`, sized exactly from `counts`
     (the rows' iBOT counts [r, 2], which the receiver derives from sample ids and seeds), so the
     receiver need not wait for the data before going on."""
     r = stop - start
     n_ibot = int(counts.sum()) if counts is not None else 0
-    header = torch.empty(_HEADER_FIXED + 2 * r, dtype=torch.long, device=device)
+    header, wh = _recv_header(_HEADER_FIXED + 2 * r, src, device, header_group)
     payload = torch.empty(dims.payload_numel(r, n_ibot), dtype=torch.float32, device=device)
-    works = (dist.irecv(header, src=src), dist.irecv(payload, src=src))
+    works = (wh, dist.irecv(payload, src=src))
     return PendingBlock(dims, src, iteration, start, stop, counts, header, payload, works)
 
 
 def wait_block(p: PendingBlock) -> Targets:
     """Complete a posted block receive; its header must match what was expected."""
     p.works[0].wait()
-    header = p.header.cpu()
+    header = p.header.cpu()  # a no-op for a header that came over the gloo header group
     n_ibot = int(p.counts.sum()) if p.counts is not None else 0
     expect = [p.iteration, p.start, p.stop, n_ibot]
     if header[:_HEADER_CHECKED].tolist() != expect or (

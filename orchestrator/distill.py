@@ -33,7 +33,7 @@ from dinodist.orchestrator.control import server_from_config, supervise
 from dinodist.orchestrator.launch import launch_ranks
 from dinodist.orchestrator.metrics import MetricsExporter, progress_line
 from dinodist.orchestrator.planfile import DATA_INDEX_FILE, PLAN_FILE, read_plan, write_plan
-from dinodist.orchestrator.topology import Topology, check_runnable, load_topology
+from dinodist.orchestrator.topology import Topology, check_runnable, eval_indexes, load_topology
 
 log = logging.getLogger("dinodist.distill")
 
@@ -48,6 +48,46 @@ def resolved_topology(topo: Topology, plan: Plan) -> dict:
     for s in raw["students"]:
         s["devices"] = plan.group(s["name"]).devices
     return raw
+
+
+BEST_BACKBONE = "backbone-best.pth"  # students/run.py writes it at each new best k-NN
+
+
+QUALITY_WINDOW = 5  # iterations averaged at each end: one iteration's 2 x batch crops is a noisy sample
+
+
+def _first_last(rows: list[dict], key: str) -> dict | None:
+    """Mean of `key` over the first and over the last `window` rows that have it, and their iterations."""
+    have = [r for r in rows if r.get(key) is not None]
+    if not have:
+        return None
+    w = max(1, min(QUALITY_WINDOW, len(have) // 2))
+    head, tail = have[:w], have[-w:]
+    return {"first": sum(r[key] for r in head) / w, "first_iteration": head[0]["iteration"],
+            "last": sum(r[key] for r in tail) / w, "last_iteration": tail[-1]["iteration"], "window": w}
+
+
+def _knn_summary(rows: list[dict], group_dir: Path) -> dict | None:
+    """Last and best k-NN of a group's metrics rows, and the backbone of the best, when it is that one.
+
+    `backbone-best.pth` is trusted only while its sidecar names the best row's iteration (it counts
+    iterations done: the row's + 1): after a resume, a file written on an abandoned timeline past the
+    resume point is not reported as the best."""
+    evals = [r for r in rows if r.get("knn_top1") is not None]
+    if not evals:
+        return None
+    best = max(evals, key=lambda r: r["knn_top1"])  # the first of equal ones, as the loop keeps the first
+    backbone = None
+    side = group_dir / (BEST_BACKBONE + ".json")
+    try:
+        if json.loads(side.read_text())["source"]["iteration"] == best["iteration"] + 1:
+            backbone = str(group_dir / BEST_BACKBONE)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return {"last": evals[-1]["knn_top1"], "last_iteration": evals[-1]["iteration"],
+            "best": best["knn_top1"], "best_iteration": best["iteration"], "best_backbone": backbone,
+            "evaluations": len(evals),
+            "mean_seconds": sum(r.get("knn_seconds", 0.0) for r in evals) / len(evals)}
 
 
 def summarize(out_dir: Path, plan: Plan) -> dict:
@@ -67,8 +107,18 @@ def summarize(out_dir: Path, plan: Plan) -> dict:
         }
         if g.role == "student":
             iterations = n if iterations is None else min(iterations, n)
+            for key in ("teacher_agreement", "teacher_cosine"):
+                measured = _first_last(rows, key)
+                if measured is not None:
+                    groups[g.name][key] = measured
+            knn = _knn_summary(rows, out_dir / g.name)
+            if knn is not None:
+                groups[g.name]["knn_top1"] = knn
     stats_path = out_dir / "teacher" / "stats.json"
     teacher = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    if "teacher" in groups and teacher.get("knn_top1") is not None:
+        groups["teacher"]["knn_top1"] = {"last": teacher["knn_top1"],
+                                         "mean_seconds": teacher.get("knn_seconds")}
     out = {
         "iterations": iterations or 0,
         # forwards of the run's iterations: those before the resume point were run (once) by the run
@@ -85,6 +135,27 @@ def summarize(out_dir: Path, plan: Plan) -> dict:
     if "preempted_at" in teacher:
         out["preempted_at"] = teacher["preempted_at"]
     return out
+
+
+def quality_line(group: dict) -> str:
+    """What a group learned, from its summary: teacher agreement and cosine (first -> last iteration) and
+    k-NN top-1 when measured; "" when nothing was."""
+    parts = []
+    for key, label in (("teacher_agreement", "agreement"), ("teacher_cosine", "cosine")):
+        q = group.get(key)
+        if q is not None:
+            w, a, b = q.get("window", 1), q["first_iteration"], q["last_iteration"]
+            first = a if w == 1 else f"{a}-{a + w - 1}"
+            last = b if w == 1 else f"{b - w + 1}-{b}"
+            parts.append(f"{label} {q['first']:.3f} (it {first}) -> {q['last']:.3f} (it {last})")
+    knn = group.get("knn_top1")
+    if knn is not None:
+        text = f"k-NN top-1 {knn['last']:.3f}"
+        if "best" in knn:
+            text += (f" (it {knn['last_iteration']}; best {knn['best']:.3f} at it {knn['best_iteration']}"
+                     + (f", {Path(knn['best_backbone']).name}" if knn.get("best_backbone") else "") + ")")
+        parts.append(text)
+    return ", ".join(parts)
 
 
 def _check_resumable(out_dir: Path, plan: Plan) -> None:
@@ -122,6 +193,7 @@ def run_distill(topology: str | Path, out: str | None = None, iterations: int | 
     write_plan(out_dir, plan.to_dict())
     # listed once here rather than walked by every rank; a rank refuses data that no longer matches it
     write_index(topo.data.source, out_dir / DATA_INDEX_FILE)
+    eval_indexes(topo, out_dir)  # the same for eval.knn's sources, which must have labels
     world = plan.used_devices
     expected = {r: g.name for g in plan.groups for r in g.ranks}
     started = time.monotonic()
@@ -159,6 +231,10 @@ def run_distill(topology: str | Path, out: str | None = None, iterations: int | 
     for name, g in summary["groups"].items():
         echo(f"{name:<14} {g['iterations']} iterations, {g['images']} images, "
              f"{g['mean_step_seconds'] or 0:.3f} s/it, wait {g['mean_wait_seconds'] or 0:.3f} s/it")
+    for name, g in summary["groups"].items():
+        line = quality_line(g)
+        if line:
+            echo(f"{name:<14} {line}")
     echo(f"teacher forwards: {summary['teacher_forwards']} for {summary['iterations']} iterations; "
          f"summary {out_dir / 'summary.json'}")
     return summary

@@ -5,6 +5,9 @@ largest total already seen for that rank's session: a repeated, late or reordere
 nothing, and a dropped one is made up by the next. The iteration histogram observes each
 (group, iteration) once, whichever rank reports it first.
 
+Quality gauges (teacher agreement and cosine, k-NN top-1) exist per group once a rank has reported
+them, from the newest iteration reported.
+
 Device series (GPU utilisation, memory, power, temperature, throttle reasons, ECC and Xid counts,
 torch's peak allocation) exist only once a rank has reported them: on CPU, or without NVML, they
 are absent, not zero. They are built at scrape time from each rank's latest report.
@@ -164,6 +167,20 @@ class MetricsExporter:
         self.attached = Gauge("dinodist_group_attached", "1 while a student group is running (live or "
                               "catching up from the target store), 0 between its failure and its restart.",
                               ["group"], registry=r)
+        self.quality = {
+            "teacher_agreement_ratio": Gauge(
+                "dinodist_teacher_agreement_ratio", "Fraction of a student group's global crops whose DINO "
+                "prototype argmax equals the teacher's, latest iteration (heads targets).", ["group"],
+                registry=r),
+            "teacher_cosine": Gauge(
+                "dinodist_teacher_cosine", "Mean cosine of a student group's and the teacher's centred DINO "
+                "prototype logits (heads) or CLS features (features targets), latest iteration.", ["group"],
+                registry=r),
+            "knn_top1_ratio": Gauge(
+                "dinodist_knn_top1_ratio", "k-NN top-1 accuracy of a group's EMA backbone at its latest "
+                "evaluation (eval.knn; the teacher's once, at its end).", ["group"], registry=r),
+        }
+        self._quality_iteration: dict[tuple[str, str], int] = {}
         self._devices = _DeviceCollector()
         r.register(self._devices)
         # (rank, session) -> largest cumulative value seen per counted field
@@ -208,6 +225,12 @@ class MetricsExporter:
             self._loss_iteration[group] = msg.iteration
             for term, value in msg.losses.items():
                 self.loss.labels(group=group, term=term).set(value)
+        for key, gauge in self.quality.items():
+            value = getattr(msg, key)
+            # a group's newest iteration wins, whichever rank reports it (the values are group-level)
+            if value is not None and msg.iteration >= self._quality_iteration.get((group, key), -1):
+                self._quality_iteration[(group, key)] = msg.iteration
+                gauge.labels(group=group).set(value)
         telemetry = {k: getattr(msg, k) for k in m.TELEMETRY_KEYS}
         if any(v is not None for v in telemetry.values()):
             # a rank sends its whole telemetry set each time: what it left out became unknown

@@ -145,6 +145,11 @@ class Data(_Strict):
     flips: bool = False
     mask_probability: float = Field(0.5, ge=0, le=1)
     mask_ratio: tuple[float, float] = Field((0.1, 0.5), strict=False)  # YAML gives a list
+    # worker processes per rank building the batches (0: a thread of the rank), for teacher and students
+    workers: int = Field(0, ge=0)
+    # crops cross the host and the host-to-device copy as uint8 (4x fewer bytes) and are normalised on
+    # the device; one setting for the teacher and every student, so all see the same pixels
+    uint8: bool = False
 
 
 class Train(_Strict):
@@ -253,6 +258,28 @@ class Store(_Strict):
         return v
 
 
+class KnnEval(_Strict):
+    """k-NN of each group's EMA backbone (and, once, of the teacher) on two labelled sources."""
+
+    train: str  # source specs (core/data/sources.py) with labels: folder:PATH in class sub-folders,
+    test: str  # or fashion-mnist:DIR:train|test
+    # images of each source, spread evenly over it (core/eval/inloop.py:eval_ids); null: all of them
+    limit_train: int | None = Field(10000, gt=0)
+    limit_test: int | None = Field(2000, gt=0)
+    image_size: int | None = Field(None, gt=0)  # null: data.global_crop_size
+    k: int = Field(20, gt=0)
+    temperature: float = Field(0.07, gt=0)
+    batch_size: int = Field(256, gt=0)  # images per forward, per rank
+
+
+class Eval(_Strict):
+    """Quality measured in the loop (docs/distill.md, "Quality in the loop")."""
+
+    every: int = Field(gt=0)  # iterations between evaluations; the last iteration is always evaluated
+    knn: KnnEval
+    teacher: bool = True  # also evaluate the frozen teacher, once, after it sent its last targets
+
+
 class Topology(_Strict):
     name: str
     backend: Literal["gloo", "nccl", "auto"] = "auto"
@@ -264,6 +291,7 @@ class Topology(_Strict):
     metrics: Metrics = Field(default_factory=Metrics)
     control: Control = Field(default_factory=Control)
     store: Store | None = None
+    eval: Eval | None = None
     output: str
 
     # -- resolved views used by the allocator, the launchers and the group programs --
@@ -444,6 +472,9 @@ def check_topology(topo: Topology) -> None:
             f"data.source: {d.source!r} is not one of skimage, folder:PATH, fashion-mnist:DIR:train|test"
         )
 
+    if topo.eval is not None:
+        _check_eval(topo.eval, t_spec)
+
     tr = topo.train
     if tr.warmup_iterations > tr.iterations:
         raise DinodistError(
@@ -518,6 +549,56 @@ def check_topology(topo: Topology) -> None:
         )
     if n_auto == 0 and n_fixed < total:
         log.info("%d of %d devices are not used by any group", total - n_fixed, total)
+
+
+def _check_eval(ev: Eval, t_spec: ArchSpec) -> None:
+    """What can be checked without reading the data: spec syntax, a source known to be unlabelled, the
+    image size. Whether a folder has class sub-folders is checked when the driver lists it
+    (`eval_indexes`), at the latest by each rank at startup (core/eval/inloop.py:labelled_source)."""
+    from dinodist.core.data.index import parse_spec
+
+    for field in ("train", "test"):
+        spec = getattr(ev.knn, field)
+        try:
+            kind = parse_spec(spec).kind
+        except DinodistError as exc:
+            raise DinodistError(f"eval.knn.{field}: {exc}") from None
+        if kind == "skimage":
+            raise DinodistError(f"eval.knn.{field}: skimage has no labels; k-NN needs a labelled "
+                                "source (folder:PATH with one sub-folder per class, or "
+                                "fashion-mnist:DIR:train|test)")
+    size = ev.knn.image_size
+    if size is not None and size % t_spec.patch_size:
+        raise DinodistError(f"eval.knn.image_size: {size} is not a multiple of the patch size "
+                            f"{t_spec.patch_size}")
+
+
+def eval_image_size(topo: Topology) -> int:
+    """`eval.knn.image_size`, or the global crop size the students train on when it is null."""
+    if topo.eval is None:
+        raise DinodistError("eval: not set")
+    return topo.eval.knn.image_size or topo.data.global_crop_size
+
+
+EVAL_INDEX_FILES = {"train": "eval-index-train.json", "test": "eval-index-test.json"}
+
+
+def eval_indexes(topo: Topology, out_dir: str | Path) -> None:
+    """The driver, before any rank starts: list each `eval.knn` source once into `<out>/eval-index-*.json`
+    (the ranks read those instead of walking the tree) and refuse one without labels, in one line."""
+    if topo.eval is None:
+        return
+    from dinodist.core.data.index import write_index
+
+    for field, name in EVAL_INDEX_FILES.items():
+        spec = getattr(topo.eval.knn, field)
+        try:
+            index = write_index(spec, Path(out_dir) / name)
+        except DinodistError as exc:
+            raise DinodistError(f"eval.knn.{field}: {exc}") from None
+        if index["kind"] == "folder" and not index.get("classes"):
+            raise DinodistError(f"eval.knn.{field}: {spec} has no labels: its images must sit in one "
+                                "sub-folder per class (folder:PATH/CLASS/IMAGE)")
 
 
 def check_runnable(topo: Topology) -> None:

@@ -15,6 +15,11 @@ process group: `<group_dir>/ckpt/<iteration>/` holding student, EMA, optimizer a
 state, the newest `keep_checkpoints` kept) are the SSL stages'. Each checkpoint also refreshes
 `<group_dir>/backbone.pth` (the EMA backbone, official layout), so a stopped job leaves usable weights.
 
+Quality in the loop (docs/distill.md): every iteration's `teacher_agreement` / `teacher_cosine`
+(students/loss.py) ride in the step's one read; with the topology's `eval:`, the EMA backbone's k-NN
+top-1 is measured after every `eval.every`-th and the last iteration, extraction sharded over the
+group's ranks (core/eval/inloop.py), and a new best is exported as `<group_dir>/backbone-best.pth`.
+
 Resume (`resume_at`): the group loads its checkpoint of that iteration and continues; data, masks and
 schedules are functions of the iteration, so the losses continue as if the run had never stopped, and
 metrics.jsonl keeps each iteration once. Preemption: targets flagged `last` by the teacher end the run
@@ -23,6 +28,7 @@ after that iteration with a checkpoint, which every group writes at the same ite
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -39,6 +45,7 @@ from dinodist.core.data.device import prepare_batch
 from dinodist.core.data.loader import BatchLoader
 from dinodist.core.data.sources import build_source
 from dinodist.core.errors import DinodistError
+from dinodist.core.eval.inloop import KnnSettings, ShardedKnn, due
 from dinodist.core.models import HeadSpec, build_backbone, compile_blocks, load_backbone_state, save_backbone
 from dinodist.core.models.io import write_sidecar
 from dinodist.core.models.rope import set_rope_dtype, student_rope_dtype
@@ -77,6 +84,8 @@ class StudentJob:
     seed: int
     mask_prob: float
     mask_ratio: tuple[float, float]
+    workers: int  # loader worker processes (data.workers)
+    uint8: bool  # uint8 crops, normalised on the device (data.uint8)
     optim: StudentOptim
     loss: LossConfig
     checkpoint_every: int | None
@@ -84,6 +93,7 @@ class StudentJob:
     activation_checkpointing: bool | str  # true / "full", "selective", false / "none"
     compile: bool  # torch.compile each backbone block
     teacher: str | None  # the teacher checkpoint (recorded in the backbone's sidecar)
+    knn: KnnSettings | None  # topology `eval:` (None: no k-NN in the loop)
 
     @property
     def group_dir(self) -> Path:
@@ -126,22 +136,26 @@ def student_step(job: StudentJob, ctx: GroupContext, student: torch.nn.Module, e
     """One update of the rank's student: its host batch and crop-major targets to the device, losses,
     backward (x `scale`, core.rows.loss_scale), clipping, AdamW, EMA, then the step's one device read.
 
-    Returns (this rank's loss, the group's loss, the group's loss terms), group values being the
-    rows-weighted means over the group (`_reduce_rows`). Nothing is checked: a non-finite loss comes
-    back as it is, after the update. `group`: Sinkhorn-Knopp's process group, the student group's own
-    (None would mean the world). Needs `attach_chunked_losses(student)` first when the losses are chunked.
+    Returns (this rank's loss, the group's loss, the group's loss terms and agreement measures
+    `teacher_agreement` / `teacher_cosine` of students/loss.py), group values being the rows-weighted
+    means over the group (`_reduce_rows`); the measures ride in the same one read. Nothing is checked: a
+    non-finite loss comes back as it is, after the update. `group`: Sinkhorn-Knopp's process group, the
+    student group's own (None would mean the world). Needs `attach_chunked_losses(student)` first when
+    the losses are chunked.
     """
     # non_blocking: a blocking host-to-device copy waits for the whole stream (a sync per tensor)
     targets = {k: v.to(ctx.device, non_blocking=True) for k, v in targets.items()}
     batch = prepare_batch(batch, ctx.device)  # non-blocking from pinned memory; uint8 crops normalised here
+    quality: dict[str, torch.Tensor] = {}  # detached, no_grad: the loss and its gradients are unchanged
     if job.kind == HEADS and job.loss.loss_chunk_rows > 0:
         loss, terms = chunked_heads_loss(student, batch, targets, last_layers, job.crops.n_local, job.loss,
-                                         group=group)
+                                         group=group, quality=quality)
     else:
         out = student(batch["collated_global_crops"], batch.get("collated_local_crops"),
                       batch.get("mask_indices_list"))
         loss, terms = distill_loss(job.kind, out, targets, last_layers, batch, job.crops.n_local, job.loss,
-                                   group=group)
+                                   group=group, quality=quality)
+    terms = {**terms, **quality}
     opt = job.optim
     # loss_scale: 1.0 with even shares; see the module docstring for why uneven ones need it
     optimizer_step(loss, optimizer, student, ema, lr=lr_at(iteration, opt), wd=opt.weight_decay,
@@ -201,7 +215,7 @@ def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str,
     source = build_source(job.source, index=job.data_index)
     loader = BatchLoader(source, job.crops, job.global_batch, job.seed, slice(ctx.start, ctx.stop),
                          student.backbone.patch_size, mask_prob=job.mask_prob, mask_ratio=job.mask_ratio,
-                         device=ctx.device)
+                         device=ctx.device, workers=job.workers, uint8=job.uint8)
     group_dir = job.group_dir
     writer = None
     if ctx.group_rank == 0:
@@ -211,7 +225,8 @@ def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str,
     scale = loss_scale(rows, ctx.group_size, job.global_batch)
     totals = {"iterations": 0, "images": 0, "step_seconds": 0.0, "wait_seconds": 0.0,
               "rows": [ctx.start, ctx.stop], "loss_scale": scale, "start_iteration": first,
-              "checkpoint_seconds": 0.0}
+              "checkpoint_seconds": 0.0, "eval_seconds": 0.0}
+    knn = _InLoopEval(job, ctx, ema, first) if job.knn is not None else None
     # always the group itself: sinkhorn_knopp reads group=None as the whole world
     sk_group = ctx.group
     saved = first  # the iteration of the newest checkpoint of this run
@@ -244,8 +259,13 @@ def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str,
             totals["images"] += rows
             totals["step_seconds"] += step
             totals["wait_seconds"] += wait
+            evaluated = {}
+            if knn is not None and due(it, job.iterations, job.knn.every):
+                # after the step, outside step_seconds: its own time is knn_seconds
+                evaluated = knn.run(it)
+                totals["eval_seconds"] += evaluated["knn_seconds"]
             if writer is not None:
-                line = {"iteration": it, "loss": group_loss, **terms, "step_seconds": step,
+                line = {"iteration": it, "loss": group_loss, **terms, **evaluated, "step_seconds": step,
                         "wait_seconds": wait, "images": job.global_batch}
                 write_record(writer, line)
             if tgt.last or (job.checkpoint_every and (it + 1) % job.checkpoint_every == 0):
@@ -253,8 +273,13 @@ def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str,
                 saved = _checkpoint(job, ctx, towers, ema, optimizer, it + 1)
                 totals["checkpoint_seconds"] += time.perf_counter() - tc
             if report is not None:
+                # clamped: float rounding of a group mean must not push a ratio past the schema's bounds
+                quality = {_WIRE[k]: min(max(v, -1.0 if k == "teacher_cosine" else 0.0), 1.0)
+                           for k, v in {**terms, **evaluated}.items() if k in _WIRE and math.isfinite(v)}
                 cmd = report({"iteration": it, "step_seconds": step, "wait_seconds": wait, "images": rows,
-                              "losses": {"total": group_loss, **terms},
+                              "losses": {"total": group_loss,
+                                         **{k: v for k, v in terms.items() if k not in _WIRE}},
+                              **quality,
                               # a host-side counter read: no device sync
                               "torch_peak_allocated_bytes": torch.cuda.max_memory_allocated(ctx.device)
                               if ctx.device.type == "cuda" else None})
@@ -275,6 +300,77 @@ def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str,
             writer.close()
     export_backbone(ema, job, group_dir / "backbone.pth", ctx, job.iterations)
     return totals
+
+
+# metrics.jsonl name -> control-plane name (core/control/messages.py:Quality) of the quality measures
+_WIRE = {"teacher_agreement": "teacher_agreement_ratio", "teacher_cosine": "teacher_cosine",
+         "knn_top1": "knn_top1_ratio"}
+BEST_BACKBONE = "backbone-best.pth"
+
+
+def _eval_forward(ema: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The EMA backbone's CLS features as an FSDP2 forward method of the EMA root: outside a registered
+    method, the root unit's parameters (patch embed, tokens, norms) stay sharded."""
+    import types
+
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    if not hasattr(ema, "eval_features"):
+        ema.eval_features = types.MethodType(lambda self, x: self.backbone(x), ema)
+        if isinstance(ema, FSDPModule):
+            register_fsdp_forward_method(ema, "eval_features")
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        was = ema.training
+        ema.eval()
+        try:
+            return ema.eval_features(x)
+        finally:
+            ema.train(was)
+
+    return forward
+
+
+def _best_so_far(path: Path, before: int) -> float | None:
+    """The best `knn_top1` of the metrics rows before `before` (a resumed run continues that record)."""
+    best = None
+    if before and path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                break  # a torn last line
+            if row.get("iteration", before) < before and row.get("knn_top1") is not None:
+                best = row["knn_top1"] if best is None else max(best, row["knn_top1"])
+    return best
+
+
+class _InLoopEval:
+    """k-NN of the group's EMA backbone (core/eval/inloop.py), sharded over the group's ranks; a new best
+    is exported as `<group>/backbone-best.pth` with its sidecar (`source.iteration`: iterations done)."""
+
+    def __init__(self, job: StudentJob, ctx: GroupContext, ema: torch.nn.Module, first: int) -> None:
+        self.job, self.ctx, self.ema = job, ctx, ema
+        self.knn = ShardedKnn(job.knn, ctx.group if ctx.group_size > 1 else None, ctx.group_rank,
+                              ctx.group_size, ctx.device)
+        self.forward = _eval_forward(ema)
+        # group rank 0 decides what is a new best; the others learn it with the result
+        self.best = _best_so_far(job.group_dir / "metrics.jsonl", first) if ctx.group_rank == 0 else None
+
+    def run(self, iteration: int) -> dict:
+        """{"knn_top1", "knn_seconds"} on every rank (collective over the group; one read of one tensor)."""
+        top1, seconds = self.knn.evaluate(self.forward)
+        news = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
+        if self.ctx.group_rank == 0:
+            news[0] = top1
+            news[1] = 1.0 if self.best is None or top1 > self.best else 0.0
+        if self.ctx.group_size > 1:
+            dist.broadcast(news, group=self.ctx.group, group_src=0)
+        top1, new_best = news.tolist()
+        if new_best:
+            self.best = top1
+            export_backbone(self.ema, self.job, self.job.group_dir / BEST_BACKBONE, self.ctx, iteration + 1)
+        return {"knn_top1": top1, "knn_seconds": seconds}
 
 
 def _checkpoint(job: StudentJob, ctx: GroupContext, towers: torch.nn.Module, ema: torch.nn.Module,

@@ -16,6 +16,10 @@ other ranks' forward passes; its only work on the store path is joining blocks a
 One store then holds whole global batches, so a student added later reads one file set whatever
 the teacher's rank count was. Rank 0 also writes the manifest (what a replay must match) and the
 heads' last layers once.
+
+With the topology's `eval:` (and `eval.teacher`), the teacher group measures the frozen backbone's
+k-NN top-1 once, after its last targets were sent (core/eval/inloop.py, sharded over its ranks), into
+`<out>/teacher/stats.json`: the students need nothing from it then, so nobody waits for it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from dinodist.core.data.loader import BatchLoader
 from dinodist.core.data.sampler import global_batch
 from dinodist.core.data.sources import build_source
 from dinodist.core.errors import DinodistError, first_line
+from dinodist.core.eval.inloop import KnnSettings, ShardedKnn
 from dinodist.core.models import HeadSpec
 from dinodist.core.target_store import StoreWriter
 from dinodist.core.targets import (
@@ -56,7 +61,7 @@ from dinodist.core.targets import (
 )
 from dinodist.core.train import preempt
 from dinodist.core.train.metrics import open_metrics, write_record
-from dinodist.teacher.model import checkpoint_sha256, last_layers, load_teacher, shard_teacher
+from dinodist.teacher.model import checkpoint_sha256, last_layers, load_sharded_teacher
 from dinodist.teacher.targets import compute_targets
 
 log = logging.getLogger(__name__)
@@ -84,12 +89,15 @@ class TeacherJob:
     seed: int
     mask_prob: float
     mask_ratio: tuple[float, float]
+    workers: int  # loader worker processes (data.workers)
+    uint8: bool  # uint8 crops, normalised on the device (data.uint8)
     prefetch_depth: int
     wire_dtype: torch.dtype  # of the targets sent to the students (their receive buffers use the same)
     store: dict | None  # {"path", "dtype", "retain": int | None, "implicit": bool}: write a target store
     # control.on_failure restart_group: a student group whose sends fail is dropped, not the teacher
     detach_failed_groups: bool
     topology: str  # topology name, recorded in the store manifest
+    knn: KnnSettings | None  # topology `eval:` when eval.teacher (None: the teacher is not evaluated)
 
 
 # Local-crop settings do not change what the teacher computes (it sees global crops only, and
@@ -120,6 +128,8 @@ def store_manifest(job: TeacherJob, teacher_hash: str, data_fingerprint: str, pa
         "target_kind": job.kind, "topology": job.topology, "global_batch_size": job.global_batch,
         "seed": job.seed, "mask_probability": job.mask_prob, "mask_ratio": list(job.mask_ratio),
         "patch_size": patch_size, "target_dims": dims, "iterations": job.iterations,
+        # only when on: a store written before the option existed keeps its identity
+        **({"uint8_crops": True} if job.uint8 else {}),
     }
 
 
@@ -156,9 +166,9 @@ class _Sends:
     """
 
     def __init__(self, exchange: ExchangePlan, rank: int, depth: int, detach: bool,
-                 wire_dtype: torch.dtype = torch.float32) -> None:
+                 wire_dtype: torch.dtype = torch.float32, header_group=None) -> None:
         self.exchange, self.rank, self.depth, self.detach = exchange, rank, depth, detach
-        self.wire_dtype = wire_dtype
+        self.wire_dtype, self.header_group = wire_dtype, header_group
         self.in_flight: deque[dict[str, list]] = deque()
         self.detached: dict[str, int] = {}  # group -> the iteration it was dropped at
 
@@ -171,7 +181,7 @@ class _Sends:
             if group in self.detached:
                 continue
             try:
-                w, n = send_transfer(targets, tr, device, self.wire_dtype)
+                w, n = send_transfer(targets, tr, device, self.wire_dtype, self.header_group)
             except RuntimeError as exc:
                 self._drop(group, targets.iteration, exc)
                 continue
@@ -218,13 +228,16 @@ Report = Callable[[dict], "str | None"]
 
 def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh, device: torch.device,
                 report: Report | None = None, resume_at: int | None = None, flag_group=None,
-                alone: bool = False) -> dict:
+                alone: bool = False, header_group=None) -> dict:
     """Serve targets for every iteration; returns this rank's totals (group rank 0 writes files).
 
     `resume_at`: resume at that iteration (the students' common checkpoint); None starts a new run.
     `flag_group`: a gloo group of the teacher ranks (None with one rank) on which they agree to stop
     early when preemption is requested (core.train.preempt): the last iteration's targets then carry
     `last`, every student checkpoints after it, and the totals say `preempted_at` (the next iteration).
+    `header_group`: under NCCL, a gloo group holding every rank the teacher sends to (students, and the
+    teacher ranks for the store gather): headers travel there in host memory, so no receiver reads its
+    GPU for them (core.targets.send_transfer). None: headers go with the payloads.
     `alone`: a teacher restarted after a failure (control.on_failure: restart_group), in a world of the
     teacher ranks only: it continues the target store after its last complete record and sends nothing;
     the student groups follow the store meanwhile (core.targets.FailoverTargetSource).
@@ -233,11 +246,13 @@ def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh,
         raise DinodistError("a restarted teacher writes the target store, but the job has none")
     teacher_ranks = exchange.teacher_ranks
     group_rank = teacher_ranks.index(rank)
-    # built on meta, weights mapped from the file straight into place (bf16 on GPU): no fp32 copy per rank
-    loaded = load_teacher(job.arch, job.overrides, job.checkpoint, job.kind, job.dino_head, job.ibot_head,
-                          job.seed, device=device)
+    # built on meta, weights mapped from the file straight into place (bf16 on GPU): no fp32 copy per
+    # rank, and a sharded teacher copies only its own shard of each tensor to the device
+    loaded = load_sharded_teacher(job.arch, job.overrides, job.checkpoint, job.kind, job.dino_head,
+                                  job.ibot_head, job.seed, device=device,
+                                  mesh=mesh if len(teacher_ranks) > 1 else None, layout=job.shard,
+                                  shard_size=job.shard_size)
     model = loaded.model
-    shard_teacher(model, mesh if len(teacher_ranks) > 1 else None, job.shard, shard_size=job.shard_size)
     source = build_source(job.source, index=job.data_index)
     store = None
     if job.store is not None and group_rank == 0:
@@ -264,7 +279,7 @@ def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh,
     # device: batches pinned in the loader's thread on CUDA, so the copy in compute_targets overlaps
     loader = BatchLoader(source, crops, job.global_batch, job.seed, slice(start, stop),
                          loaded.spec.patch_size, mask_prob=job.mask_prob, mask_ratio=job.mask_ratio,
-                         device=device)
+                         device=device, workers=job.workers, uint8=job.uint8)
     num_samples = len(source)
     grid = (job.crops.global_size // loaded.spec.patch_size,) * 2
     counts_of = MaskCounter(job.global_batch, num_samples, job.seed, grid, job.mask_prob, job.mask_ratio)
@@ -272,15 +287,27 @@ def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh,
     totals = {"iterations": 0, "teacher_forwards": 0, "target_bytes_sent": 0, "forward_seconds": 0.0,
               "wait_seconds": 0.0, "step_seconds": 0.0, "store_seconds": 0.0, "start_iteration": first,
               "restarted": alone}
+    # built before serving, so an unlabelled source stops the job at startup, not after the run
+    knn = (ShardedKnn(job.knn, group if len(teacher_ranks) > 1 else None, group_rank, len(teacher_ranks),
+                      device) if job.knn is not None else None)
     preempted_at = None
     try:
         with contextlib.ExitStack() as stack:
             _serve(job, exchange, rank, group_rank, model, loader, store, stack, totals, out_dir, counts_of,
-                   num_samples, device, report, first, flag_group, alone)
+                   num_samples, device, report, first, flag_group, alone, header_group)
     except preempt.Preempted as p:
         preempted_at = p.iteration
     if preempted_at is not None:
         totals["preempted_at"] = preempted_at
+    elif knn is not None:
+        # Once, after the last targets were sent (and the store closed): the students need nothing more
+        # from the teacher, so its evaluation overlaps their last iterations instead of stalling them.
+        top1, seconds = knn.evaluate(_teacher_features(model, device))
+        totals["knn_seconds"] = seconds
+        if top1 is not None:
+            totals["knn_top1"] = top1
+            if report is not None:
+                report({"knn_top1_ratio": top1})
     sent = torch.tensor([totals["target_bytes_sent"]], dtype=torch.float64, device=device)
     if len(teacher_ranks) > 1:
         dist.all_reduce(sent, group=group)
@@ -293,14 +320,36 @@ def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh,
     return totals
 
 
+def _teacher_features(model, device: torch.device):
+    """The frozen backbone's CLS features, as a forward method of the FSDP2 root when it is sharded (its
+    root parameters are unsharded only inside one); bf16 autocast on GPU as for the targets."""
+    import types
+
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    if not hasattr(model, "eval_features"):
+        model.eval_features = types.MethodType(lambda self, x: self.backbone(x), model)
+        if isinstance(model, FSDPModule):
+            register_fsdp_forward_method(model, "eval_features")
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                    else contextlib.nullcontext())
+        with torch.no_grad(), autocast:
+            return model.eval_features(x)
+
+    return forward
+
+
 def _serve(job: TeacherJob, exchange: ExchangePlan, rank: int, group_rank: int, model, loader, store,
            stack: contextlib.ExitStack, totals: dict, out_dir: Path, counts_of, num_samples: int,
-           device: torch.device, report: Report | None, first: int, flag_group, alone: bool) -> None:
+           device: torch.device, report: Report | None, first: int, flag_group, alone: bool,
+           header_group=None) -> None:
     teacher_ranks = exchange.teacher_ranks
     root = teacher_ranks[0]
     start, stop = exchange.teacher_rows(rank)
     pending = None  # rank 0 with a store: (its targets of iteration t, the posted receives of t)
-    sends = _Sends(exchange, rank, job.prefetch_depth, job.detach_failed_groups, job.wire_dtype)
+    sends = _Sends(exchange, rank, job.prefetch_depth, job.detach_failed_groups, job.wire_dtype, header_group)
     if alone:
         sends.detached.update(dict.fromkeys(exchange.student_groups, first))
     stack.callback(loader.close)
@@ -361,7 +410,7 @@ def _serve(job: TeacherJob, exchange: ExchangePlan, rank: int, group_rank: int, 
         ts = time.perf_counter()  # host work only (joining blocks, queueing the record): the host clock
         gather = []
         if job.store is not None and group_rank != 0:
-            gather = send_block(targets, root, device)
+            gather = send_block(targets, root, device, header_group)
         elif store is not None and len(teacher_ranks) == 1:
             _append_record(store, job, targets, [], num_samples)
         elif store is not None:
@@ -369,7 +418,7 @@ def _serve(job: TeacherJob, exchange: ExchangePlan, rank: int, group_rank: int, 
                 _append_record(store, job, *pending, num_samples)
             pending = (targets, [post_recv_block(dims_of(targets), src, it, *exchange.teacher_rows(src),
                                                  counts_of(it, *exchange.teacher_rows(src))
-                                                 if job.kind == HEADS else None, device)
+                                                 if job.kind == HEADS else None, device, header_group)
                                  for src in teacher_ranks[1:]])
         store_s = time.perf_counter() - ts
         nbytes = sends.send(targets, device, gather)

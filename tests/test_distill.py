@@ -125,8 +125,10 @@ def test_distill_five_ranks_metrics_summary_and_exports(tmp_path):
         rows = metrics_lines(out / name / "metrics.jsonl")
         assert [r["iteration"] for r in rows] == list(range(iterations))
         for r in rows:
-            for key in ("loss", "dino_global", "dino_local", "ibot", "koleo", "step_seconds", "wait_seconds"):
+            for key in ("loss", "dino_global", "dino_local", "ibot", "koleo", "step_seconds", "wait_seconds",
+                        "teacher_agreement", "teacher_cosine"):
                 assert key in r and r[key] == r[key]  # present and not NaN
+            assert "knn_top1" not in r  # no eval: section, no k-NN
             assert 0 <= r["wait_seconds"] <= r["step_seconds"]
         # the exported EMA backbone loads strictly into the official layout of its arch
         model = load_backbone(out / name / "backbone.pth", name, depth=2)
@@ -145,6 +147,13 @@ def test_distill_five_ranks_metrics_summary_and_exports(tmp_path):
     # the teacher sent each student rank only its rows: bytes scale with groups, not with pixels
     assert summary["target_bytes_sent"] > 0
     assert f"teacher forwards: {iterations} for {iterations} iterations" in stdout
+    # what each student learned, printed for a newcomer: agreement and cosine, first -> last iteration
+    for name in students:
+        g = summary["groups"][name]
+        assert g["teacher_agreement"]["first_iteration"] == 0
+        assert g["teacher_agreement"]["last_iteration"] == iterations - 1 and "knn_top1" not in g
+        lines = [line for line in stdout.splitlines() if line.startswith(f"{name:<14} agreement ")]
+        assert len(lines) == 1 and "cosine" in lines[0], stdout
 
 
 @pytest.mark.multiproc

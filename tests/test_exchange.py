@@ -8,6 +8,7 @@ import traceback
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dinodist.core.errors import DinodistError
@@ -21,9 +22,12 @@ from dinodist.core.targets import (
     concat,
     crop_major,
     ibot_counts,
+    post_recv_block,
     recv_last_layers,
+    send_block,
     send_last_layers,
     send_targets,
+    wait_block,
 )
 
 G, P, DB, DI = 12, 9, 5, 3
@@ -74,8 +78,11 @@ def _spawn(fn, world: int, args=(), timeout: float = 60.0) -> list[int]:
     return [p.exitcode for p in procs]
 
 
-def _exchange_worker(rank: int, teachers: list[int], groups: dict, iterations: int, depth: int) -> None:
+def _exchange_worker(rank: int, teachers: list[int], groups: dict, iterations: int, depth: int,
+                     header_channel: bool = False) -> None:
     plan = ExchangePlan(G, teachers, groups)
+    # the NCCL layout: headers over a gloo group of the whole world, payloads on the default group
+    hg = dist.new_group(backend="gloo") if header_channel else None
     cpu = torch.device("cpu")
     shapes = {"dino_last_layer.weight": (7, DB), "ibot_last_layer.weight": (4, DI)}
     students = [r for ranks in groups.values() for r in ranks]
@@ -87,7 +94,7 @@ def _exchange_worker(rank: int, teachers: list[int], groups: dict, iterations: i
         in_flight: list[list] = []
         for it in range(iterations):
             truth, _ = _truth(it)
-            works, nbytes = send_targets(plan, rank, truth.slice(a, b), cpu)
+            works, nbytes = send_targets(plan, rank, truth.slice(a, b), cpu, header_group=hg)
             assert nbytes > 0 or not plan.sends(rank)
             in_flight.append(works)
             while len(in_flight) > depth:  # the bounded queue the teacher loop uses
@@ -96,6 +103,18 @@ def _exchange_worker(rank: int, teachers: list[int], groups: dict, iterations: i
         for works in in_flight:
             for w in works:
                 w.wait()
+        # the store gather: the second teacher rank's block of the last iteration to the first
+        last_truth = _truth(iterations - 1)[0]
+        if rank == teachers[1]:
+            for w in send_block(last_truth.slice(a, b), teachers[0], cpu, header_group=hg):
+                w.wait()
+        elif len(teachers) > 1:
+            c, d = plan.teacher_rows(teachers[1])
+            got = wait_block(post_recv_block(DIMS, teachers[1], iterations - 1, c, d,
+                                             last_truth.slice(c, d).tensors["ibot_counts"], cpu,
+                                             header_group=hg))
+            for k, v in last_truth.slice(c, d).tensors.items():
+                assert torch.equal(got.tensors[k], v), k
         return
     last = recv_last_layers(shapes, teachers[0], cpu)
     g = torch.Generator().manual_seed(7)
@@ -103,7 +122,7 @@ def _exchange_worker(rank: int, teachers: list[int], groups: dict, iterations: i
         assert torch.equal(last[k], torch.randn(*shapes[k], generator=g)), k
     a, b = plan.student_rows(rank)
     source = P2PTargetSource(plan, rank, DIMS, range(iterations), lambda it: ibot_counts(_truth(it)[1][a:b]),
-                             cpu, depth=depth)
+                             cpu, depth=depth, header_group=hg)
     for it in range(iterations):
         got = source.get(it)
         want = _truth(it)[0].slice(a, b)
@@ -171,10 +190,11 @@ def test_crop_major_rejects_other_masks():
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(120)
-def test_p2p_exchange_three_groups_pipelined():
+@pytest.mark.parametrize("header_channel", [False, True])
+def test_p2p_exchange_three_groups_pipelined(header_channel):
     # 2 teacher ranks (6 rows each); group a: 3 ranks (4 rows, rank 3 straddles both teachers);
     # group b: 1 rank with the whole batch. Depth 2 keeps two iterations in flight.
-    codes = _spawn(_exchange_worker, 6, ([0, 1], {"a": [2, 3, 4], "b": [5]}, 4, 2))
+    codes = _spawn(_exchange_worker, 6, ([0, 1], {"a": [2, 3, 4], "b": [5]}, 4, 2, header_channel))
     assert codes == [0] * 6
 
 

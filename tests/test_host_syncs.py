@@ -148,11 +148,11 @@ def world():
         dist.destroy_process_group()
 
 
-def _jobs(tmp_path: Path, kind: str, chunk_rows: int | None, iterations: int):
+def _jobs(tmp_path: Path, kind: str, chunk_rows: int | None, iterations: int, extra: dict | None = None):
     from dinodist.orchestrator.runtime.jobs import student_job, teacher_job
     from dinodist.orchestrator.topology import load_topology
 
-    overrides = {"train.iterations": iterations, "teacher.targets": kind}
+    overrides = {"train.iterations": iterations, "teacher.targets": kind, **(extra or {})}
     if chunk_rows is not None:
         overrides["train.loss_chunk_rows"] = chunk_rows
     topo = load_topology(TOPOLOGY, overrides)
@@ -205,13 +205,13 @@ class _Source:
 
 
 def _train(tmp_path: Path, world, kind: str, chunk_rows: int | None, targets_edit=None,
-           iterations: int = 2) -> tuple[dict[int, list[str]], Exception | None]:
+           iterations: int = 2, extra: dict | None = None) -> tuple[dict[int, list[str]], Exception | None]:
     """train_student on DEVICE under a SyncCounter; returns the syncs of each iteration and any error."""
     import dinodist.students.run as run
     from dinodist.core.distributed import group_mesh
     from dinodist.students.run import GroupContext, train_student
 
-    sjob, tjob = _jobs(tmp_path, kind, chunk_rows, iterations)
+    sjob, tjob = _jobs(tmp_path, kind, chunk_rows, iterations, extra)
     loaded, last = _teacher(tjob)
     targets = _host_targets(tjob, loaded, iterations)
     if targets_edit is not None:
@@ -265,6 +265,23 @@ def test_student_step_reads_the_device_once(tmp_path, world, kind, chunk_rows):
             + "\n".join(syncs))
     lines = [json.loads(x) for x in (tmp_path / "tiny-vits" / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in lines] == [0, 1] and all(math.isfinite(x["loss"]) for x in lines)
+
+
+def test_in_loop_eval_adds_no_read_to_the_iterations_it_skips(tmp_path, world):
+    # the agreement measures ride in the step's one read; a k-NN evaluation (every 2nd and the last
+    # iteration here) reads its result once more, in its own iterations only
+    from tests.test_eval_loop import labelled_folder
+
+    folder = labelled_folder(tmp_path / "labelled", 2)
+    ev = {"every": 2, "knn": {"train": f"folder:{folder}", "test": f"folder:{folder}", "k": 3,
+                              "image_size": 16}}
+    per_iteration, error = _train(tmp_path, world, "heads", None, iterations=4, extra={"eval": ev})
+    assert error is None, error
+    for it in (0, 2):
+        assert len(per_iteration[it]) <= STUDENT_READS_PER_STEP, "\n".join(per_iteration[it])
+    lines = [json.loads(x) for x in (tmp_path / "tiny-vits" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines if "knn_top1" in x] == [1, 3]
+    assert all("teacher_agreement" in x for x in lines)
 
 
 def test_nan_loss_stops_before_the_metrics_and_checkpoint_of_its_iteration(tmp_path, world):

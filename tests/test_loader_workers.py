@@ -102,3 +102,21 @@ def test_worker_errors_reach_the_rank_as_raised_and_a_dead_worker_is_one_line():
         with pytest.raises(DinodistError, match=rf"process 1 \(pid {proc.pid}\) exited with code -9"):
             for t in clean[:8]:
                 ld.get(t)
+
+
+def test_owns_builds_ahead_only_the_loaders_own_iterations():
+    src = ListSource(_images(7))
+    args = (src, CFG, 6, 11, slice(0, 6), 8)
+    evens = BatchLoader(*args, prefetch=3, owns=lambda t: t % 2 == 0)
+    plain = BatchLoader(*args, prefetch=0)
+    try:
+        assert evens._ahead(0) == [2, 4, 6]
+        evens.get(0)
+        assert sorted(evens._futures) == [2, 4, 6]  # nothing built for the other loader's iterations
+        _same(evens.get(4), plain.get(4))  # a served iteration is the same batch, prefetched or not
+        assert sorted(evens._futures) == [6, 8, 10]  # 2 was skipped over: dropped, not kept
+        # a loader serving (almost) nothing scans a bounded window, not for ever
+        assert BatchLoader(*args, prefetch=2, owns=lambda t: False)._ahead(0) == []
+    finally:
+        evens.close()
+        plain.close()

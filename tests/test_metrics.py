@@ -521,3 +521,40 @@ def test_rejected_control_messages_are_exported():
         _, got = scrape(ex)
         assert got[key("dinodist_control_rejected_messages_total", reason="mac")] == 3
         sock.close()
+
+
+def test_quality_gauges_per_group_from_the_newest_iteration_and_bounded_on_the_wire():
+    base = dict(images=1, wait=0.0, step=0.1)
+    ex = MetricsExporter(port=None)
+
+    def value(name: str, group: str) -> float | None:
+        return ex.registry.get_sample_value(name, {"group": group})
+
+    ex.observe_message(hb(0, "s", "a" * 16, 1, 4, [0.1], **base, teacher_agreement_ratio=0.25,
+                          teacher_cosine=0.5))
+    assert value("dinodist_teacher_agreement_ratio", "s") == 0.25
+    assert value("dinodist_teacher_cosine", "s") == 0.5
+    assert value("dinodist_knn_top1_ratio", "s") is None  # not measured yet: absent, not 0
+    # a late heartbeat of an older iteration (another rank of the group) does not win
+    ex.observe_message(hb(1, "s", "b" * 16, 1, 3, [0.1], **base, teacher_agreement_ratio=0.125))
+    assert value("dinodist_teacher_agreement_ratio", "s") == 0.25
+    ex.observe_message(hb(0, "s", "a" * 16, 2, 5, [0.1], **base, teacher_agreement_ratio=0.75,
+                          knn_top1_ratio=0.6))
+    assert value("dinodist_teacher_agreement_ratio", "s") == 0.75
+    assert value("dinodist_knn_top1_ratio", "s") == 0.6
+    ex.observe_message(hb(2, "teacher", "c" * 16, 1, 5, [0.1], **base, knn_top1_ratio=0.8))
+    assert value("dinodist_knn_top1_ratio", "teacher") == 0.8
+    assert value("dinodist_teacher_agreement_ratio", "teacher") is None
+    for bad in ({"teacher_agreement_ratio": 1.5}, {"teacher_cosine": -2.0}, {"knn_top1_ratio": float("nan")}):
+        with pytest.raises(ValueError):
+            hb(0, "g", "a" * 16, 1, 0, [0.1], **base, **bad)
+    with ControlClient("tcp://127.0.0.1:1", 0, "g", key=b"k" * 32) as c:
+        with pytest.raises(DinodistError, match="stats.teacher_agreement_ratio"):
+            c.heartbeat({"teacher_agreement_ratio": 2.0})
+        c.heartbeat({"iteration": 0, "teacher_cosine": 0.5, "knn_top1_ratio": 0.25})
+        c.heartbeat({"iteration": 1, "teacher_cosine": 0.625})  # k-NN is kept until measured again
+        fields = c._totals_fields()
+        assert (fields["teacher_cosine"], fields["knn_top1_ratio"]) == (0.625, 0.25)
+        # the whole heartbeat stays far below the frame cap with the quality fields
+        msg = m.Heartbeat(**m.stamp(), kind="heartbeat", rank=0, group="g", session="a" * 16, seq=1, **fields)
+        assert len(m.encode(msg, b"k" * 32, 0, "g")[1]) < m.MAX_FRAME_BYTES

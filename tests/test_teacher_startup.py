@@ -238,6 +238,62 @@ def test_fsdp_shards_a_mapped_teacher(tmp_path):
     run_gloo(_fsdp_rank, 2, tmp_path, str(path), str(tmp_path / "ref.pt"), timeout_s=120)
 
 
+def _sharded_load_rank(rank: int, path: str, want: str, layout: str, shard_size: int, bf16: bool) -> None:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    import dinodist.teacher.model as tm
+    from dinodist.core.distributed import group_mesh
+
+    def whole_placement(*args, **kwargs):
+        raise AssertionError("the sharded load placed a whole part of the model")
+
+    tm._placed = whole_placement  # the unsharded path's copy of every tensor must not run
+    if bf16:  # the GPU rule, checked on CPU
+        tm.inference_dtype = lambda device: torch.bfloat16
+    mesh = group_mesh(dist.group.WORLD, list(range(dist.get_world_size())), "cpu")
+    loaded = tm.load_sharded_teacher("tiny-vit7b", {}, path, "heads", TINY_DINO_HEAD, TINY_IBOT_HEAD,
+                                     device="cpu", mesh=mesh, layout=layout, shard_size=shard_size)
+    file = torch.load(path, weights_only=True, mmap=True)["teacher"]
+    shard_rank = rank % shard_size
+    n_params = 0
+    for name, p in loaded.model.named_parameters():
+        assert isinstance(p, DTensor), name
+        fp32 = ".last_layer." in name
+        assert p.dtype == (torch.float32 if fp32 or not bf16 else torch.bfloat16), name
+        local, full = p.to_local(), file[name]
+        # this rank holds its chunk of dim 0, and only that
+        chunk = torch.chunk(full, shard_size, dim=0)
+        want_rows = chunk[shard_rank] if shard_rank < len(chunk) else full[:0]
+        assert torch.equal(local, want_rows.to(local.dtype)), name
+        n_params += 1
+    assert n_params > 20
+    for name, b in loaded.model.named_buffers():
+        assert b.dtype == torch.float32 and torch.equal(b, file[name]), name
+    if not bf16:
+        assert_targets_match(loaded.model, want)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_sharded_load_reads_only_each_ranks_shard(tmp_path):
+    """fsdp and hsdp: built and sharded on meta, each rank copies its own rows out of the mapped file
+    (never the whole model), in the inference dtype, and computes the unsharded teacher's targets."""
+    from dinodist.teacher.model import last_layers
+    from tests.gloo import run_gloo
+
+    path = _export(tmp_path)
+    loaded = load_teacher("tiny-vit7b", {}, str(path), "heads", TINY_DINO_HEAD, TINY_IBOT_HEAD)
+    crops, masks = torch.randn(4, 3, 32, 32), torch.rand(2, 2, 16) < 0.4
+    with torch.no_grad():
+        ref = {**loaded.model(crops, masks), **last_layers(loaded.model), "crops": crops, "masks": masks}
+    torch.save(ref, tmp_path / "ref.pt")
+    run_gloo(_sharded_load_rank, 2, tmp_path, str(path), str(tmp_path / "ref.pt"), "fsdp", 2, False,
+             timeout_s=120)
+    run_gloo(_sharded_load_rank, 4, tmp_path, str(path), str(tmp_path / "ref.pt"), "hsdp", 2, True,
+             timeout_s=180)
+
+
 def test_bf16_placement_keeps_buffers_and_prototypes_fp32(tmp_path, monkeypatch):
     # the GPU rule, checked on CPU: parameters cast once, RoPE periods and last layers left exact
     path = _export(tmp_path)

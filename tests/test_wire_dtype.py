@@ -131,7 +131,10 @@ def _topology(path: Path, dtype: str) -> Path:
         "name": "wire",
         "backend": "gloo",
         "cluster": {"nodes": 1, "devices_per_node": 2, "device": "cpu"},
-        "teacher": {"arch": "tiny-vit7b", "overrides": {"depth": 2, "embed_dim": 64, "num_heads": 4},
+        # LayerScale 1.0: with the official 1e-5 a random teacher's targets hardly depend on the image,
+        # and bf16 rounding then moves the losses by ~3e-6 only, too little to tell the dtypes apart
+        "teacher": {"arch": "tiny-vit7b", "overrides": {"depth": 2, "embed_dim": 64, "num_heads": 4,
+                                                        "layerscale_init": 1.0},
                     "checkpoint": None, "targets": "heads", "shard": "replicate", "devices": 1},
         "students": [{"name": "tiny-vits", "arch": "tiny-vits", "overrides": {"depth": 2}, "devices": 1}],
         "data": {"source": "skimage", "global_crop_size": 32, "local_crop_size": 16, "local_crops": 2},
@@ -180,8 +183,8 @@ def test_a_bf16_wire_gives_the_live_run_the_inline_losses_and_a_bf16_restart_sto
     for a, b in zip(live, inline):
         for term in TERMS:
             assert abs(a[term] - b[term]) <= 1e-5, (a["iteration"], term, a[term], b[term])
-    # not vacuous: the bf16 targets move the losses far more than the tolerance (measured: live and inline
-    # bit-identical, 1.3e-2 away from fp32 targets)
+    # not vacuous: the bf16 targets move the losses far more than the tolerance (measured 2026-12-06: live
+    # and inline bit-identical, 5e-3 away from fp32 targets by the third iteration)
     assert max(abs(a[t] - c[t]) for a, c in zip(live, exact) for t in TERMS) > 1e-4
     # the restart store the teacher wrote (no store: configured, on_failure restart_group) follows the wire
     stats = json.loads((tmp_path / "live" / "teacher" / "stats.json").read_text())

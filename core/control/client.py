@@ -38,7 +38,7 @@ CONTROL_RANK_ENV = "DINODIST_CONTROL_RANK"
 # this rank's control-plane key, hex: the supervisor derives it from the job secret for each rank it
 # starts, so a rank never holds the secret (docs/control-plane.md, Authentication)
 KEY_ENV = "DINODIST_CONTROL_KEY"
-STAT_KEYS = frozenset({"iteration", "losses", *m.TELEMETRY_KEYS, *_ADDITIVE})
+STAT_KEYS = frozenset({"iteration", "losses", *m.TELEMETRY_KEYS, *m.QUALITY_KEYS, *_ADDITIVE})
 
 
 def _number(key: str, value: Any) -> float:
@@ -66,7 +66,8 @@ class ControlClient:
     Call `register()` once, then `heartbeat(stats)` every iteration with that iteration's stats
     (keys: iteration, step_seconds, wait_seconds, images, losses, teacher_forwards,
     target_bytes_sent, optionally the device gauges of `messages.Telemetry`, e.g.
-    torch_peak_allocated_bytes; all but iteration optional). The client keeps the totals and
+    torch_peak_allocated_bytes, and the quality measures of `messages.Quality`; all but iteration
+    optional). The client keeps the totals and
     sends at most one heartbeat every `heartbeat_interval_s`. Poll `poll_command()` for
     `checkpoint` / `stop`. It signs with `key`, else with the key derived from the job `secret`,
     else with the key in $DINODIST_CONTROL_KEY.
@@ -113,6 +114,7 @@ class ControlClient:
         self._recent: deque[float] = deque(maxlen=m.MAX_RECENT_STEPS)
         self._losses: dict[str, float] = {}
         self._gauges: dict[str, Any] = {}
+        self._quality: dict[str, float] = {}
         self._commands: deque[str] = deque()
         self._acks: set[tuple[str, int]] = set()
         self._register_kw: dict[str, Any] | None = None
@@ -172,6 +174,7 @@ class ControlClient:
                 raise DinodistError("heartbeat stats.losses: expected a mapping of term -> value")
             losses = {str(k): float(_number(f"losses.{k}", v)) for k, v in losses.items()}
         gauges = self._telemetry(stats)
+        quality = self._quality_of(stats)
         iteration = int(_number("iteration", stats["iteration"])) if "iteration" in stats else self._iteration
         if iteration < -1:
             raise DinodistError(f"heartbeat stats.iteration: {iteration} is negative")
@@ -183,6 +186,19 @@ class ControlClient:
         if losses is not None:
             self._losses = losses
         self._gauges.update(gauges)
+        self._quality.update(quality)
+
+    @staticmethod
+    def _quality_of(stats: Mapping[str, Any]) -> dict[str, float]:
+        # the latest value of each measure is kept: a measure taken every N iterations stays reported
+        given = {k: float(_number(k, stats[k])) for k in m.QUALITY_KEYS if stats.get(k) is not None}
+        try:
+            m.Quality.model_validate(given)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise DinodistError(f"heartbeat stats.{where}: {first['msg']}") from None
+        return given
 
     @staticmethod
     def _telemetry(stats: Mapping[str, Any]) -> dict[str, Any]:
@@ -214,7 +230,8 @@ class ControlClient:
                 "images_total": int(self._totals["images_total"]),
                 "teacher_forwards_total": int(self._totals["teacher_forwards_total"]),
                 "target_bytes_sent_total": int(self._totals["target_bytes_sent_total"]),
-                "losses": dict(self._losses), **{k: v for k, v in self._gauges.items() if v is not None}}
+                "losses": dict(self._losses), **{k: v for k, v in self._gauges.items() if v is not None},
+                **self._quality}
 
     def _build(self, model: type, kind: str) -> Any:
         try:

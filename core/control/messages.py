@@ -129,7 +129,25 @@ INTEGER_TELEMETRY = frozenset({
 })
 
 
-class _Totals(Telemetry):
+Ratio = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
+class Quality(BaseModel):
+    """A student group's latest quality measures (docs/distill.md, "Quality in the loop"): group-level
+    values, the same on every rank of the group but k-NN, which group rank 0 alone reports. The
+    teacher reports its k-NN once, at its end. A field left out was not measured."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    teacher_agreement_ratio: Ratio | None = None
+    teacher_cosine: Annotated[float, Field(ge=-1.0001, le=1.0001, allow_inf_nan=False)] | None = None
+    knn_top1_ratio: Ratio | None = None
+
+
+QUALITY_KEYS = tuple(Quality.model_fields)
+
+
+class _Totals(Telemetry, Quality):
     """Cumulative totals of one rank since it started; repeats and reordering are harmless."""
 
     iteration: Annotated[int, Field(ge=-1)]

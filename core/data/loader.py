@@ -20,6 +20,7 @@ import queue
 import signal
 import threading
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -248,6 +249,8 @@ class BatchLoader:
     `uint8`: crops are uint8 before normalisation, with `crop_mean` and `crop_std` ([3] float32) in the
     batch; `core.data.device.prepare_batch` normalises them on the device (docs/data.md: tolerance).
     `device`: where the consumer trains; a CUDA device turns `pin_memory` on unless it is given.
+    `owns`: the iterations this loader serves when several loaders share one iteration sequence (an SSL
+    stage with mixed resolutions has one loader per resolution): only those are built ahead.
     """
 
     def __init__(
@@ -267,6 +270,7 @@ class BatchLoader:
         uint8: bool = False,
         device: torch.device | str | None = None,
         pin_memory: bool | None = None,
+        owns: Callable[[int], bool] | None = None,
     ):
         self.source = source
         self.cfg = cfg.validate()
@@ -294,6 +298,7 @@ class BatchLoader:
         if workers < 0:
             raise DinodistError(f"loader workers must be >= 0, got {workers}")
         self.prefetch = prefetch
+        self.owns = owns
         self.uint8 = bool(uint8)
         self.pin_memory = wants_pinned(device) if pin_memory is None else bool(pin_memory)
         if self.pin_memory and not torch.cuda.is_available():
@@ -348,17 +353,31 @@ class BatchLoader:
             fut = self._futures.pop(iteration, None)
             if fut is None and self._workers is not None:
                 self._workers.request(iteration)  # before the prefetches: the worker builds it first
-            for it in [k for k in self._futures if k < iteration or k > iteration + self.prefetch]:
+            ahead = self._ahead(iteration)
+            for it in [k for k in self._futures if k not in ahead]:
                 stale = self._futures.pop(it)  # a jump (resume, replay) drops stale work
                 if not stale.cancel() and self._workers is not None:
                     self._orphan(it, stale)
             if self._workers is not None:
                 with self._orphans_lock:
-                    keep = set(range(iteration, iteration + 1 + self.prefetch)) | set(self._orphans)
+                    keep = {iteration, *ahead} | set(self._orphans)
                 self._workers.forget(keep)
-            for it in range(iteration + 1, iteration + 1 + self.prefetch):
+            for it in ahead:
                 self._submit(it)
         return fut.result() if fut is not None else self._produce(iteration)
+
+    def _ahead(self, iteration: int) -> list[int]:
+        """The next `prefetch` iterations after `iteration` that this loader serves."""
+        if self.owns is None:
+            return list(range(iteration + 1, iteration + 1 + self.prefetch))
+        out: list[int] = []
+        it = iteration + 1
+        # bounded: a loader that serves almost no iterations must not scan for ever
+        while len(out) < self.prefetch and it <= iteration + 64 * max(self.prefetch, 1):
+            if self.owns(it):
+                out.append(it)
+            it += 1
+        return out
 
     def _orphan(self, iteration: int, fut: Future) -> None:
         # Its fetch may be waiting for the lock while another reader stashes its result: forgetting

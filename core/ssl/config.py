@@ -107,8 +107,11 @@ class CropsConfig(_Strict):
 class DataConfig(_Strict):
     source: str = "skimage"
     global_batch_size: int = Field(64, gt=0)
-    workers: int = Field(1, ge=0)
+    # worker processes per rank building batches (0: a thread of the rank); see docs/data.md
+    workers: int = Field(0, ge=0)
     prefetch: int = Field(2, ge=0)
+    # crops travel as uint8 and are normalised on the device: 4x fewer host bytes and copy bandwidth
+    uint8: bool = False
     mask_prob: float = Field(0.5, ge=0, le=1)
     mask_ratio: tuple[float, float] = (0.1, 0.5)
 

@@ -12,7 +12,6 @@ import math
 import sys
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from dinodist.core.checkpoint import (
     save_checkpoint,
 )
 from dinodist.core.data.augment import CropConfig
-from dinodist.core.data.device import pin_batch, prepare_batch
+from dinodist.core.data.device import prepare_batch
 from dinodist.core.data.loader import BatchLoader
 from dinodist.core.data.sources import build_source
 from dinodist.core.errors import DinodistError
@@ -85,41 +84,37 @@ def _crop_config(cfg: StageConfig, r: Resolution) -> CropConfig:
 
 
 class _Batches:
-    """One loader per resolution; the next iteration is built in a background thread by the right loader."""
+    """One loader per resolution, each building ahead only the iterations that use its resolution.
 
-    def __init__(self, cfg: StageConfig, rank: int, world: int, patch_size: int, pin: bool = False) -> None:
+    `data.workers` worker processes and `data.uint8` crops apply as in the distillation loaders; on a
+    CUDA `device` batches are pinned in the loader's thread, so the copy in the loop is non-blocking.
+    """
+
+    def __init__(self, cfg: StageConfig, rank: int, world: int, patch_size: int,
+                 device: torch.device | None = None) -> None:
         g = cfg.data.global_batch_size
         b = g // world
         source = build_source(cfg.data.source)
         if len(source) == 0:
             raise DinodistError(f"data.source {cfg.data.source!r}: no images")
         self.cfg = cfg
-        self.pin = pin
+        res = resolutions(cfg)
+        # a loader's worker processes serve only its resolution: split the configured ones among them
+        workers = -(-cfg.data.workers // len(res)) if cfg.data.workers else 0
         self.loaders = [
             BatchLoader(
                 source, _crop_config(cfg, r), g, cfg.seed, slice(rank * b, (rank + 1) * b), patch_size,
-                mask_prob=cfg.data.mask_prob, mask_ratio=tuple(cfg.data.mask_ratio), prefetch=0,
+                mask_prob=cfg.data.mask_prob, mask_ratio=tuple(cfg.data.mask_ratio),
+                prefetch=cfg.data.prefetch, workers=workers, uint8=cfg.data.uint8, device=device,
+                owns=None if len(res) == 1 else (lambda t, i=i: resolution_index(cfg, t) == i),
             )
-            for r in resolutions(cfg)
+            for i, r in enumerate(res)
         ]
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinodist-ssl-data")
-        self.pending: dict[int, Future] = {}
 
-    def _build(self, it: int) -> dict:
-        batch = self.loaders[resolution_index(self.cfg, it)].build(it)
-        return pin_batch(batch) if self.pin else batch  # in the data thread: the copy is then non-blocking
-
-    def get(self, it: int, last: int) -> dict:
-        fut = self.pending.pop(it, None)
-        for nxt in range(it + 1, min(it + 1 + max(self.cfg.data.prefetch, 0), last)):
-            if nxt not in self.pending:
-                self.pending[nxt] = self.pool.submit(self._build, nxt)
-        return fut.result() if fut is not None else self._build(it)
+    def get(self, it: int) -> dict:
+        return self.loaders[resolution_index(self.cfg, it)].get(it)
 
     def close(self) -> None:
-        for f in self.pending.values():
-            f.cancel()
-        self.pool.shutdown(wait=True)
         for ld in self.loaders:
             ld.close()
 
@@ -265,7 +260,7 @@ def train(
         raise DinodistError(f"train.iterations {total}: the run is already at iteration {start}")
 
     lr_sched = scaled(cfg.optim.lr, lr_scale_factor(cfg.optim.lr_scaling, g))
-    batches = _Batches(cfg, rank, world, model.student.backbone.patch_size, pin=device is not None)
+    batches = _Batches(cfg, rank, world, model.student.backbone.patch_size, device)
     bar = _Progress(progress and rank == 0, start, total, cfg.train.log_every)
     end = total if stop_at is None else min(total, stop_at)
     last: dict = {}
@@ -273,9 +268,9 @@ def train(
     try:
         for it in range(start, end):
             t0 = time.perf_counter()
-            batch = batches.get(it, end)
-            if device is not None:
-                batch = prepare_batch(batch, device)
+            batch = batches.get(it)
+            # uint8 crops are normalised here, on the device (on CPU too: the model takes floats)
+            batch = prepare_batch(batch, device if device is not None else torch.device("cpu"))
             lr = schedule_value(lr_sched, it, total)
             wd = schedule_value(cfg.optim.weight_decay, it, total)
             momentum = schedule_value(cfg.loss.ema_momentum, it, total)

@@ -54,7 +54,7 @@ def run_inline(topology: str | Path, student: str, out: str | Path | None = None
     g = tjob.global_batch
     tloader = BatchLoader(build_source(tjob.source), dataclasses.replace(tjob.crops, n_local=0), g, tjob.seed,
                           slice(0, g), loaded.spec.patch_size, mask_prob=tjob.mask_prob,
-                          mask_ratio=tjob.mask_ratio)
+                          mask_ratio=tjob.mask_ratio, workers=tjob.workers, uint8=tjob.uint8)
 
     def compute(it: int):
         return compute_targets(teacher, tloader.get(it), it, 0, tjob.kind, device)

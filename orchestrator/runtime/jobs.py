@@ -19,10 +19,11 @@ from dinodist.core.control.client import CONTROL_ENV, rank_key_from_env
 from dinodist.core.control.thread import ControlThread
 from dinodist.core.data.augment import CropConfig
 from dinodist.core.distributed import destroy
+from dinodist.core.eval.inloop import KnnSettings
 from dinodist.core.targets import HEADS, ExchangePlan, MaskCounter, TargetDims
 from dinodist.core.train.preempt import Preempted
 from dinodist.orchestrator.planfile import DATA_INDEX_FILE, RunPlan
-from dinodist.orchestrator.topology import Topology
+from dinodist.orchestrator.topology import EVAL_INDEX_FILES, Topology, eval_image_size
 from dinodist.students.loss import LossConfig
 from dinodist.students.model import StudentOptim
 from dinodist.students.run import StudentJob
@@ -84,6 +85,23 @@ def data_index(out_dir: str | Path) -> str | None:
     return str(path) if path.is_file() else None
 
 
+def knn_settings(topo: Topology, out_dir: str | Path) -> KnnSettings | None:
+    """The topology's `eval:` for the loops, with the source indexes the driver wrote (if it did)."""
+    ev = topo.eval
+    if ev is None:
+        return None
+    k = ev.knn
+
+    def index(field: str) -> str | None:
+        path = Path(out_dir) / EVAL_INDEX_FILES[field]
+        return str(path) if path.is_file() else None
+
+    return KnnSettings(every=ev.every, train=k.train, test=k.test, train_index=index("train"),
+                       test_index=index("test"), limit_train=k.limit_train, limit_test=k.limit_test,
+                       image_size=eval_image_size(topo), k=k.k, temperature=k.temperature,
+                       batch_size=k.batch_size)
+
+
 def teacher_job(topo: Topology, out_dir: str | Path, plan: RunPlan | None = None) -> TeacherJob:
     """`plan`: the driver's plan, whose teacher layout (`teacher.shard: auto` resolved by the cost model)
     the ranks apply; without one (a store check, the inline runner), the topology's `teacher.shard`."""
@@ -98,10 +116,11 @@ def teacher_job(topo: Topology, out_dir: str | Path, plan: RunPlan | None = None
         overrides=dict(t.overrides), checkpoint=t.checkpoint, shard=shard,
         shard_size=layout.shard_size if layout is not None else None,
         dino_head=topo.dino_head(), ibot_head=topo.ibot_head(), seed=tr.seed,
-        mask_prob=d.mask_probability, mask_ratio=tuple(d.mask_ratio),
+        mask_prob=d.mask_probability, mask_ratio=tuple(d.mask_ratio), workers=d.workers, uint8=d.uint8,
         prefetch_depth=tr.prefetch_depth, wire_dtype=wire_dtype(topo), store=store_settings(topo, out_dir),
         topology=topo.name,
         detach_failed_groups=topo.control.on_failure == "restart_group",
+        knn=knn_settings(topo, out_dir) if topo.eval is not None and topo.eval.teacher else None,
     )
 
 
@@ -122,10 +141,12 @@ def student_job(topo: Topology, name: str, out_dir: str | Path) -> StudentJob:
         global_batch=tr["global_batch_size"], iterations=tr["iterations"], out_dir=Path(out_dir),
         overrides=dict(s.overrides), dino_head=dino, ibot_head=ibot,
         teacher_dim=topo.teacher_spec().embed_dim, seed=tr["seed"],
-        mask_prob=d.mask_probability, mask_ratio=tuple(d.mask_ratio), optim=optim, loss=loss,
+        mask_prob=d.mask_probability, mask_ratio=tuple(d.mask_ratio), workers=d.workers, uint8=d.uint8,
+        optim=optim, loss=loss,
         checkpoint_every=tr["checkpoint_every"], keep_checkpoints=tr["keep_checkpoints"],
         activation_checkpointing=s.activation_checkpointing, compile=s.compile,
         teacher=topo.teacher.checkpoint,
+        knn=knn_settings(topo, out_dir),
     )
 
 

@@ -44,6 +44,16 @@ log = logging.getLogger("dinodist.rank")
 FOLLOW_TIMEOUT_S = 600.0
 
 
+def _header_group(ranks: list[int] | None):
+    """Under NCCL, a gloo group of `ranks` (None: the world) for the target headers, so a receiver checks
+    a header (iteration, rows, last flag) in host memory instead of reading it back from its GPU, a sync
+    per transfer; gloo worlds send headers with the payloads. Collective: every rank of the world calls it.
+    """
+    if dist.get_backend() != "nccl":
+        return None
+    return dist.new_group(ranks, backend="gloo")
+
+
 def run_live_rank(topo: Topology, plan: RunPlan, out_dir: Path, resume: bool = False) -> int:
     """`resume`: continue from the newest checkpoint every group holds (from scratch when there is none);
     without it a new run starts and an earlier run's checkpoints in `out_dir` are removed. Raises
@@ -59,6 +69,7 @@ def run_live_rank(topo: Topology, plan: RunPlan, out_dir: Path, resume: bool = F
     # a CPU side channel for the teacher ranks' per-iteration stop vote (teacher/run.py); new_group is
     # collective over the world, so every rank creates it
     flag_group = dist.new_group(teacher_ranks, backend="gloo") if len(teacher_ranks) > 1 else None
+    header_group = _header_group(None)
     idx = next(i for i, g in enumerate(plan.groups) if info.rank in g.ranks)
     gp, pg = plan.groups[idx], pgs[idx]
     # every rank pairs rows with images by sample id: all must see the same data, or the teacher's
@@ -82,7 +93,8 @@ def run_live_rank(topo: Topology, plan: RunPlan, out_dir: Path, resume: bool = F
     with reporting_to(control, info.rank, gp.name):
         if gp.role == "teacher":
             totals = run_teacher(teacher_job(topo, out_dir, plan), exchange, info.rank, pg, mesh, info.device,
-                                 report, resume_at=resume_at if resume else None, flag_group=flag_group)
+                                 report, resume_at=resume_at if resume else None, flag_group=flag_group,
+                                 header_group=header_group)
         else:
             job = student_job(topo, gp.name, out_dir)
             start, stop = exchange.student_rows(info.rank)
@@ -92,7 +104,8 @@ def run_live_rank(topo: Topology, plan: RunPlan, out_dir: Path, resume: bool = F
             counts = mask_counter(topo, len(data))
             source = P2PTargetSource(exchange, info.rank, target_dims(topo), range(resume_at, job.iterations),
                                      lambda it: counts(it, start, stop), info.device,
-                                     depth=topo.train.prefetch_depth, wire_dtype=wire_dtype(topo))
+                                     depth=topo.train.prefetch_depth, wire_dtype=wire_dtype(topo),
+                                     header_group=header_group)
             store = topo.target_store_path(out_dir)
             if topo.control.on_failure == "restart_group" and store is not None:
                 # if the teacher dies, wait for its restart on the store it writes instead of failing
@@ -121,6 +134,7 @@ def run_restarted_teacher_rank(topo: Topology, plan: RunPlan, out_dir: Path) -> 
                             f"{len(teacher_ranks)} ranks")
     (pg,) = make_subgroups([teacher_ranks], timeout_s=topo.control.collective_timeout_s)
     flag_group = dist.new_group(teacher_ranks, backend="gloo") if len(teacher_ranks) > 1 else None
+    header_group = _header_group(teacher_ranks) if len(teacher_ranks) > 1 else None
     mesh = group_mesh(pg, teacher_ranks, info.device.type)
     control = start_control(topo, info.rank, plan.teacher.name, "teacher",
                             {"world_size": info.world_size, "group_rank": info.rank,
@@ -128,7 +142,8 @@ def run_restarted_teacher_rank(topo: Topology, plan: RunPlan, out_dir: Path) -> 
     report = control.report if control is not None else None
     with reporting_to(control, info.rank, plan.teacher.name):
         totals = run_teacher(teacher_job(topo, out_dir, plan), exchange_plan(plan), info.rank, pg, mesh,
-                             info.device, report, flag_group=flag_group, alone=True)
+                             info.device, report, flag_group=flag_group, alone=True,
+                             header_group=header_group)
         write_rank_record(out_dir, info.rank, {"rank": info.rank, "group": plan.teacher.name,
                                                "role": "teacher", "restarted": True, **totals})
         if "preempted_at" in totals:
