@@ -56,19 +56,6 @@ class Source:
 # ---------------------------------------------------------------------------------------------- sources
 
 
-def _sidecar(path: Path) -> dict | None:
-    side = Path(str(path) + ".json")
-    if not side.is_file():
-        return None
-    try:
-        meta = json.loads(side.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DinodistError(f"{side}: unreadable sidecar ({exc})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("arch"), str):
-        raise DinodistError(f"{side}: sidecar has no 'arch'")
-    return meta
-
-
 def _arch_of(meta: dict | None, arch: str | None, path: Path) -> tuple[str, dict]:
     if meta is None:
         if arch is None:
@@ -163,6 +150,8 @@ def _load_flat_backbone(path: Path, arch: str, overrides: dict):
 
 def resolve_source(checkpoint: str | Path, arch: str | None = None, heads: bool = True) -> Source:
     """Load what CHECKPOINT names (see the module doc); `heads=False` skips loading any heads."""
+    from dinodist.core.models.io import read_sidecar
+
     path = Path(checkpoint)
     if not path.exists():
         raise DinodistError(f"CHECKPOINT {path}: no such file or folder")
@@ -173,7 +162,7 @@ def resolve_source(checkpoint: str | Path, arch: str | None = None, heads: bool 
         if not bb_path.is_file():
             raise DinodistError(f"CHECKPOINT {path}: neither a `dinodist distill` group folder "
                                 "(backbone.pth) nor a `dinodist train` run folder (config.yaml)")
-        meta = _sidecar(bb_path)
+        meta = read_sidecar(bb_path, require_arch=True)
         name, overrides = _arch_of(meta, arch, bb_path)
         src = Source("group", path, _load_flat_backbone(bb_path, name, overrides), name, overrides,
                      image_size=(meta or {}).get("image_size"))
@@ -192,10 +181,10 @@ def resolve_source(checkpoint: str | Path, arch: str | None = None, heads: bool 
 
 
 def _file_source(path: Path, arch: str | None, heads: bool) -> Source:
-    from dinodist.core.models.io import load_backbone_state, load_file, read_state_dict
+    from dinodist.core.models.io import load_backbone_state, load_file, read_sidecar, read_state_dict
     from dinodist.core.models.vit import build_backbone
 
-    meta = _sidecar(path)
+    meta = read_sidecar(path, require_arch=True)
     name, overrides = _arch_of(meta, arch, path)
     obj = load_file(path, mmap=True)
     if isinstance(obj, dict) and isinstance(obj.get("teacher"), dict):

@@ -21,7 +21,6 @@ mtime; a checkpoint without one (an official release) is hashed here.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 from dinodist.core.errors import DinodistError
 from dinodist.core.models import ArchSpec, HeadSpec, build_backbone, build_head
 from dinodist.core.models.arch import get_arch
-from dinodist.core.models.io import check_state_dict, load_file, recorded_sha256
+from dinodist.core.models.io import check_state_dict, load_file, read_sidecar, recorded_sha256
 from dinodist.core.target_store.format import file_sha256
 from dinodist.core.targets import FEATURES, HEADS
 
@@ -86,17 +85,6 @@ def _head_spec(value, default: HeadSpec, where: str) -> HeadSpec:
         return dataclasses.replace(default, **{k: v for k, v in dict(value).items() if v is not None})
     except TypeError as exc:
         raise DinodistError(f"{where}: {exc}") from None
-
-
-def read_sidecar(path: Path) -> dict | None:
-    """The `OUT.pth.json` written next to an export: arch and head specs to rebuild the teacher."""
-    side = path.with_name(path.name + ".json")
-    if not side.is_file():
-        return None
-    try:
-        return json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DinodistError(f"{side}: not valid JSON ({exc})") from None
 
 
 def _spec_from_sidecar(side: dict, spec: ArchSpec, source: Path) -> ArchSpec:

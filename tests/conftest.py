@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 import torch
+import torch.distributed as dist
 
 # Tests run on a 2-core machine, often beside other processes: one intra-op thread per process
 # keeps multi-process tests from oversubscribing and keeps timings stable.
@@ -47,3 +48,16 @@ def _guard(cls: type, method: str, what: str) -> None:
 
 _guard(subprocess.Popen, "__init__", "subprocess")
 _guard(multiprocessing.process.BaseProcess, "start", "multiprocessing")
+
+
+@pytest.fixture(scope="module")
+def world():
+    """A one-rank gloo world in this process (FSDP2 needs a process group; no process is started)."""
+    if dist.is_initialized():
+        yield dist.group.WORLD
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()

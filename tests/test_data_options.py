@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from test_wire_dtype import REPO, TERMS, _lines, _run_inline, _topology
+from test_wire_dtype import TERMS, _run_inline, _run_live, _topology
 
 from dinodist.orchestrator.runtime.jobs import student_job, teacher_job
 from dinodist.orchestrator.topology import parse_topology
@@ -45,12 +42,7 @@ def test_a_live_run_with_worker_processes_and_uint8_crops_matches_its_inline_twi
     """Live (teacher and student in their own ranks, loaders with a worker process, uint8 crops) equals
     the inline run of the same topology, and differs from float crops only by the uint8 rounding."""
     opts = _with_data(_topology(tmp_path / "u8.yaml", "fp32"), workers=1, uint8=True)
-    cmd = [sys.executable, "-m", "dinodist.orchestrator.cli", "distill", str(opts),
-           "--out", str(tmp_path / "live"), "--metrics-port", "0"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    live = _lines(tmp_path / "live" / "tiny-vits" / "metrics.jsonl")
+    live = _run_live(opts, tmp_path / "live", timeout=300)
     inline = _run_inline(opts, tmp_path / "inline")
     floats = _run_inline(_topology(tmp_path / "fp32.yaml", "fp32"), tmp_path / "floats")
     manifest = json.loads((tmp_path / "live" / "targets" / "manifest.json").read_text())

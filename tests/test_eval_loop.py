@@ -155,16 +155,6 @@ def test_agreement_chunked_equals_full_and_direct():
     assert (t_probs.argmax(-1) != (zt @ wt.t()).argmax(-1)).any()
 
 
-@pytest.fixture(scope="module")
-def world():
-    if dist.is_initialized():
-        yield dist.group.WORLD
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
 
 
 def test_student_quality_chunked_path_equals_unchunked_and_direct(tmp_path, world):

@@ -135,17 +135,6 @@ class SyncCounter(TorchFunctionMode):
 # --------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def world():
-    """A one-rank gloo world in this process (FSDP2 needs a process group; no process is started)."""
-    if dist.is_initialized():
-        yield dist.group.WORLD
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
 
 
 def _jobs(tmp_path: Path, kind: str, chunk_rows: int | None, iterations: int, extra: dict | None = None):

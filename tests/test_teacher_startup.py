@@ -226,8 +226,16 @@ def assert_targets_match(model, ref_path: str) -> None:
 @pytest.mark.multiproc
 def test_fsdp_shards_a_mapped_teacher(tmp_path):
     # FSDP2 copies each rank's shard out of the file-backed parameters; targets as one unsharded rank
-    from dinodist.teacher.model import last_layers
     from tests.gloo import run_gloo
+
+    path, ref = _export_with_reference(tmp_path)
+    run_gloo(_fsdp_rank, 2, tmp_path, str(path), ref, timeout_s=120)
+
+
+def _export_with_reference(tmp_path: Path) -> tuple[Path, str]:
+    """A tiny export, and the unsharded teacher's targets and last layers on fixed inputs saved beside it
+    (the file `assert_targets_match` compares a sharded teacher with)."""
+    from dinodist.teacher.model import last_layers
 
     path = _export(tmp_path)
     loaded = load_teacher("tiny-vit7b", {}, str(path), "heads", TINY_DINO_HEAD, TINY_IBOT_HEAD)
@@ -235,7 +243,7 @@ def test_fsdp_shards_a_mapped_teacher(tmp_path):
     with torch.no_grad():
         ref = {**loaded.model(crops, masks), **last_layers(loaded.model), "crops": crops, "masks": masks}
     torch.save(ref, tmp_path / "ref.pt")
-    run_gloo(_fsdp_rank, 2, tmp_path, str(path), str(tmp_path / "ref.pt"), timeout_s=120)
+    return path, str(tmp_path / "ref.pt")
 
 
 def _sharded_load_rank(rank: int, path: str, want: str, layout: str, shard_size: int, bf16: bool) -> None:
@@ -279,19 +287,11 @@ def _sharded_load_rank(rank: int, path: str, want: str, layout: str, shard_size:
 def test_sharded_load_reads_only_each_ranks_shard(tmp_path):
     """fsdp and hsdp: built and sharded on meta, each rank copies its own rows out of the mapped file
     (never the whole model), in the inference dtype, and computes the unsharded teacher's targets."""
-    from dinodist.teacher.model import last_layers
     from tests.gloo import run_gloo
 
-    path = _export(tmp_path)
-    loaded = load_teacher("tiny-vit7b", {}, str(path), "heads", TINY_DINO_HEAD, TINY_IBOT_HEAD)
-    crops, masks = torch.randn(4, 3, 32, 32), torch.rand(2, 2, 16) < 0.4
-    with torch.no_grad():
-        ref = {**loaded.model(crops, masks), **last_layers(loaded.model), "crops": crops, "masks": masks}
-    torch.save(ref, tmp_path / "ref.pt")
-    run_gloo(_sharded_load_rank, 2, tmp_path, str(path), str(tmp_path / "ref.pt"), "fsdp", 2, False,
-             timeout_s=120)
-    run_gloo(_sharded_load_rank, 4, tmp_path, str(path), str(tmp_path / "ref.pt"), "hsdp", 2, True,
-             timeout_s=180)
+    path, ref = _export_with_reference(tmp_path)
+    run_gloo(_sharded_load_rank, 2, tmp_path, str(path), ref, "fsdp", 2, False, timeout_s=120)
+    run_gloo(_sharded_load_rank, 4, tmp_path, str(path), ref, "hsdp", 2, True, timeout_s=180)
 
 
 def test_bf16_placement_keeps_buffers_and_prototypes_fp32(tmp_path, monkeypatch):

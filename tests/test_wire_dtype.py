@@ -163,6 +163,16 @@ def _run_inline(topology_path: Path, out: Path) -> list[dict]:
     return _lines(out / "tiny-vits" / "metrics.jsonl")
 
 
+def _run_live(topology_path: Path, out: Path, timeout: float = 200) -> list[dict]:
+    """`dinodist distill` of the topology as a process; the student's metrics rows."""
+    cmd = [sys.executable, "-m", "dinodist.orchestrator.cli", "distill", str(topology_path),
+           "--out", str(out), "--metrics-port", "0"]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return _lines(out / "tiny-vits" / "metrics.jsonl")
+
+
 def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -171,12 +181,7 @@ def _lines(path: Path) -> list[dict]:
 @pytest.mark.timeout(300)
 def test_a_bf16_wire_gives_the_live_run_the_inline_losses_and_a_bf16_restart_store(tmp_path):
     bf16 = _topology(tmp_path / "bf16.yaml", "bf16")
-    cmd = [sys.executable, "-m", "dinodist.orchestrator.cli", "distill", str(bf16),
-           "--out", str(tmp_path / "live"), "--metrics-port", "0"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                          text=True, timeout=200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    live = _lines(tmp_path / "live" / "tiny-vits" / "metrics.jsonl")
+    live = _run_live(bf16, tmp_path / "live")
     inline = _run_inline(bf16, tmp_path / "inline")
     exact = _run_inline(_topology(tmp_path / "fp32.yaml", "fp32"), tmp_path / "inline-fp32")
     assert len(live) == len(inline) == len(exact) == ITERATIONS

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,7 +9,7 @@ from torch import nn
 
 from dinodist.core.checkpoint import load_model_only
 from dinodist.core.errors import DinodistError
-from dinodist.core.models.io import load_backbone, load_backbone_state, read_state_dict
+from dinodist.core.models.io import load_backbone, load_backbone_state, read_sidecar, read_state_dict
 from dinodist.core.models.vit import build_backbone
 from dinodist.core.ssl.config import load_stage_config
 from dinodist.core.ssl.loop import find_checkpoint
@@ -44,12 +43,11 @@ def load_eval_backbone(checkpoint: str | None, arch: str | None,
         return bb.eval(), cfg.crops.global_size, f"EMA teacher of {path} ({ck.name})"
     if not path.is_file():
         raise DinodistError(f"--checkpoint {path}: no such file or folder")
-    side = Path(str(path) + ".json")
-    if side.is_file():
-        meta = json.loads(side.read_text())
+    meta = read_sidecar(path, require_arch=True)
+    if meta is not None:
         bb = build_backbone(meta["arch"], **meta.get("overrides", {}))
         load_backbone_state(bb, read_state_dict(path), source=str(path))
         return bb.eval(), meta.get("image_size"), f"{path} ({meta['arch']})"
     if arch is None:
-        raise DinodistError(f"--checkpoint {path}: no {side.name} sidecar, so --arch is required")
+        raise DinodistError(f"--checkpoint {path}: no {path.name}.json sidecar, so --arch is required")
     return load_backbone(path, arch).eval(), None, f"{path} ({arch})"

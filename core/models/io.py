@@ -45,6 +45,23 @@ def write_sidecar(path: str | os.PathLike, meta: dict) -> Path:
     return side
 
 
+def read_sidecar(path: str | os.PathLike, require_arch: bool = False) -> dict | None:
+    """The `<path>.json` describing the checkpoint at `path`, or None when there is none; unreadable or
+    not an object (or, with `require_arch`, without an 'arch') is a one-line error naming the file."""
+    side = Path(str(path) + ".json")
+    if not side.is_file():
+        return None
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DinodistError(f"{side}: unreadable sidecar ({str(exc).splitlines()[0]})") from None
+    if not isinstance(meta, dict):
+        raise DinodistError(f"{side}: a sidecar must be a JSON object")
+    if require_arch and not isinstance(meta.get("arch"), str):
+        raise DinodistError(f"{side}: sidecar has no 'arch'")
+    return meta
+
+
 def _unwrap(obj: object, source: str) -> dict[str, Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]

@@ -9,7 +9,6 @@ shards.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from dinodist.core.models import (
     read_state_dict,
 )
 from dinodist.core.models.arch import HeadSpec, arch_dict
+from dinodist.core.models.io import read_sidecar
 from dinodist.core.ssl.config import HeadConfig, ModelConfig
 
 try:
@@ -158,9 +158,7 @@ def read_teacher_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
     else:
         # A flat official backbone: no heads.
         state = {f"backbone.{k}": v for k, v in read_state_dict(p).items()}
-    side = Path(str(p) + ".json")
-    meta = json.loads(side.read_text()) if side.is_file() else None
-    return state, meta
+    return state, read_sidecar(p)
 
 
 def load_tower(tower: nn.ModuleDict, state: dict[str, torch.Tensor], source: str, heads: bool = True) -> None:
