@@ -145,6 +145,10 @@ class Data(_Strict):
     flips: bool = False
     mask_probability: float = Field(0.5, ge=0, le=1)
     mask_ratio: tuple[float, float] = Field((0.1, 0.5), strict=False)  # YAML gives a list
+    # the fraction of the image area a crop covers (official: global 0.32-1, local 0.05-0.32); small
+    # sources want larger ones (a local crop of 5 % of a 28-px image is 6 px: docs/quality.md)
+    global_crop_scale: tuple[float, float] = Field((0.32, 1.0), strict=False)
+    local_crop_scale: tuple[float, float] = Field((0.05, 0.32), strict=False)
     # worker processes per rank building the batches (0: a thread of the rank), for teacher and students
     workers: int = Field(0, ge=0)
     # crops cross the host and the host-to-device copy as uint8 (4x fewer bytes) and are normalised on
@@ -466,6 +470,10 @@ def check_topology(topo: Topology) -> None:
     lo, hi = d.mask_ratio
     if not 0 <= lo <= hi <= 1:
         raise DinodistError(f"data.mask_ratio: need 0 <= low <= high <= 1, got [{lo}, {hi}]")
+    for field in ("global_crop_scale", "local_crop_scale"):
+        lo, hi = getattr(d, field)
+        if not 0 < lo <= hi <= 1:
+            raise DinodistError(f"data.{field}: need 0 < low <= high <= 1, got [{lo:g}, {hi:g}]")
     kind, _, rest = d.source.partition(":")
     if kind not in ("skimage", "folder", "fashion-mnist") or (kind != "skimage" and not rest):
         raise DinodistError(

@@ -162,3 +162,21 @@ def test_target_dtype_is_auto_by_default_and_names_its_field_when_wrong():
     with pytest.raises(DinodistError) as info:
         parse_topology(raw)
     assert str(info.value).startswith("train.target_dtype: ") and "\n" not in str(info.value)
+
+
+def test_crop_scales_reach_every_loader_and_the_store_manifest(tmp_path):
+    """data.global_crop_scale / local_crop_scale: the crops of the teacher and of every student, and the
+    global one in the target store's identity (a store of other crops is not replayed as if the same)."""
+    from dinodist.orchestrator.runtime.jobs import student_job, teacher_job
+    from dinodist.teacher.run import target_crop_config
+
+    raw = small_raw()
+    default = teacher_job(parse_topology(raw), tmp_path)
+    assert (default.crops.global_scale, default.crops.local_scale) == ((0.32, 1.0), (0.05, 0.32))
+    raw["data"].update(global_crop_scale=[0.5, 1.0], local_crop_scale=[0.2, 0.5])
+    topo = parse_topology(raw)
+    tj = teacher_job(topo, tmp_path)
+    for job in [tj] + [student_job(topo, s.name, tmp_path) for s in topo.students]:
+        assert (job.crops.global_scale, job.crops.local_scale) == ((0.5, 1.0), (0.2, 0.5))
+    assert target_crop_config(tj.crops)["global_scale"] == [0.5, 1.0]
+    assert target_crop_config(tj.crops) != target_crop_config(default.crops)

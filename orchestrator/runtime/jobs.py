@@ -33,7 +33,8 @@ from dinodist.teacher.run import TeacherJob
 def crop_config(topo: Topology) -> CropConfig:
     d = topo.data
     return CropConfig(global_size=d.global_crop_size, local_size=d.local_crop_size, n_local=d.local_crops,
-                      flips=d.flips)
+                      flips=d.flips, global_scale=tuple(d.global_crop_scale),
+                      local_scale=tuple(d.local_crop_scale))
 
 
 def target_dtype(topo: Topology) -> str:
