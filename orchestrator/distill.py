@@ -27,6 +27,7 @@ import yaml
 
 from dinodist.core.data.index import write_index
 from dinodist.core.errors import DinodistError
+from dinodist.core.train.metrics import knn_last_best
 from dinodist.core.train.preempt import PREEMPTED_EXIT, Preempted
 from dinodist.orchestrator.allocate import Plan, make_plan
 from dinodist.orchestrator.control import server_from_config, supervise
@@ -73,21 +74,18 @@ def _knn_summary(rows: list[dict], group_dir: Path) -> dict | None:
     `backbone-best.pth` is trusted only while its sidecar names the best row's iteration (it counts
     iterations done: the row's + 1): after a resume, a file written on an abandoned timeline past the
     resume point is not reported as the best."""
-    evals = [r for r in rows if r.get("knn_top1") is not None]
-    if not evals:
+    knn = knn_last_best(rows)
+    if knn is None:
         return None
-    best = max(evals, key=lambda r: r["knn_top1"])  # the first of equal ones, as the loop keeps the first
     backbone = None
     side = group_dir / (BEST_BACKBONE + ".json")
     try:
-        if json.loads(side.read_text())["source"]["iteration"] == best["iteration"] + 1:
+        if json.loads(side.read_text())["source"]["iteration"] == knn["best_iteration"] + 1:
             backbone = str(group_dir / BEST_BACKBONE)
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    return {"last": evals[-1]["knn_top1"], "last_iteration": evals[-1]["iteration"],
-            "best": best["knn_top1"], "best_iteration": best["iteration"], "best_backbone": backbone,
-            "evaluations": len(evals),
-            "mean_seconds": sum(r.get("knn_seconds", 0.0) for r in evals) / len(evals)}
+    seconds = [r.get("knn_seconds", 0.0) for r in rows if isinstance(r.get("knn_top1"), int | float)]
+    return {**knn, "best_backbone": backbone, "mean_seconds": sum(seconds) / len(seconds)}
 
 
 def summarize(out_dir: Path, plan: Plan) -> dict:

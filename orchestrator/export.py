@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dinodist.core.errors import DinodistError
+from dinodist.core.train.metrics import knn_last_best, read_records
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -248,21 +249,14 @@ def _run_source(path: Path, arch: str | None, heads: bool) -> Source:
 
 
 def knn_summary(metrics: str | Path | None) -> dict[str, Any] | None:
-    """Last and best `knn_top1` (a fraction) of a metrics.jsonl with their iterations; None: not measured."""
+    """Last and best `knn_top1` (a fraction) of a metrics.jsonl with their iterations; None: not measured
+    (also when the file is damaged before its last line: the card must not stop the export)."""
     if metrics is None or not Path(metrics).is_file():
         return None
-    rows = []
-    for line in Path(metrics).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a torn last line of a run that died mid-write
-        if isinstance(row, dict) and isinstance(row.get("knn_top1"), int | float):
-            rows.append((row.get("iteration"), float(row["knn_top1"])))
-    if not rows:
+    try:
+        return knn_last_best(read_records(metrics))
+    except DinodistError:
         return None
-    best = max(rows, key=lambda r: r[1])
-    return {"last": rows[-1][1], "last_iteration": rows[-1][0], "best": best[1], "best_iteration": best[0]}
 
 
 def _pct(x: float) -> str:

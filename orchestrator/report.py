@@ -1,7 +1,8 @@
 """`dinodist report`: the metrics.jsonl of a run as series per group and panel, and their figure.
 
-Reading (`read_rows`, `find_groups`, `collect_series`) is plain Python that tests check value by value;
-`build_figure` draws those series with matplotlib's Agg canvas (no pyplot, no global backend state).
+Reading (`core.train.metrics.read_records`, `find_groups`, `collect_series`) is plain Python that tests
+check value by value; `build_figure` draws those series with matplotlib's Agg canvas (no pyplot, no
+global backend state).
 
 A run folder is either a `dinodist distill` OUT (OUT/<group>/metrics.jsonl, the teacher included) or a
 `dinodist train` OUT (OUT/metrics.jsonl, shown as the group "train"). Each key of a row goes to a panel:
@@ -17,6 +18,7 @@ import math
 from pathlib import Path
 
 from dinodist.core.errors import DinodistError
+from dinodist.core.train.metrics import read_records
 
 PANELS = ("loss", "seconds", "knn", "teacher")
 PANEL_TITLES = {"loss": "loss and terms", "seconds": "seconds per iteration", "knn": "k-NN top-1",
@@ -44,29 +46,6 @@ def panel_of(key: str) -> str | None:
     if key in TEACHER_KEYS:
         return "teacher"
     return "loss"
-
-
-def read_rows(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl; an unparsable last line (a running job mid-write) is skipped, an
-    unparsable line before it is a one-line error naming the file and line."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise DinodistError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
-    rows = []
-    for k, (lineno, line) in enumerate(numbered):
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as exc:
-            if k == len(numbered) - 1:
-                break  # torn by a writer that is still running (or was killed mid-line)
-            why = str(exc).splitlines()[0]
-            raise DinodistError(f"{path}:{lineno}: not a metrics record ({why})") from None
-        rows.append(row)
-    return rows
 
 
 def find_groups(out: Path) -> dict[str, Path]:
@@ -120,7 +99,7 @@ def collect_series(out: str | Path, groups: list[str] | None = None) -> Series:
             raise DinodistError(f"--group {missing[0]}: no {missing[0]}/metrics.jsonl under {out} "
                                 f"(groups: {', '.join(found)})")
         found = {g: found[g] for g in dict.fromkeys(groups)}
-    series = {g: series_of(read_rows(path)) for g, path in found.items()}
+    series = {g: series_of(read_records(path)) for g, path in found.items()}
     if not any(series.values()):
         raise DinodistError(f"OUT {out}: the metrics.jsonl files hold no records yet")
     return series

@@ -28,7 +28,6 @@ after that iteration with a checkpoint, which every group writes at the same ite
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -52,7 +51,7 @@ from dinodist.core.models.rope import set_rope_dtype, student_rope_dtype
 from dinodist.core.rows import loss_scale, rank_rows
 from dinodist.core.targets import HEADS, TargetSource, crop_major, masks_from_collated, step_timer
 from dinodist.core.train import preempt
-from dinodist.core.train.metrics import open_metrics, write_record
+from dinodist.core.train.metrics import knn_last_best, open_metrics, read_records, write_record
 from dinodist.core.train.optim import build_optimizer
 from dinodist.core.train.update import optimizer_step
 from dinodist.students.loss import LossConfig, attach_chunked_losses, chunked_heads_loss, distill_loss
@@ -333,16 +332,10 @@ def _eval_forward(ema: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor
 
 def _best_so_far(path: Path, before: int) -> float | None:
     """The best `knn_top1` of the metrics rows before `before` (a resumed run continues that record)."""
-    best = None
-    if before and path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                break  # a torn last line
-            if row.get("iteration", before) < before and row.get("knn_top1") is not None:
-                best = row["knn_top1"] if best is None else max(best, row["knn_top1"])
-    return best
+    if not before or not path.is_file():
+        return None
+    knn = knn_last_best([r for r in read_records(path) if r.get("iteration", before) < before])
+    return knn["best"] if knn is not None else None
 
 
 class _InLoopEval:

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from dinodist.core.errors import DinodistError
+from dinodist.core.train.metrics import read_records
 from dinodist.orchestrator.cli import main
-from dinodist.orchestrator.report import build_figure, collect_series, read_rows
+from dinodist.orchestrator.report import build_figure, collect_series
 
 N = 12
 KNN_EVERY = 4
@@ -97,11 +98,11 @@ def test_cli_writes_the_png(run, tmp_path, capsys):
 def test_a_torn_last_line_is_skipped_and_a_torn_middle_line_is_an_error(run):
     path = run / "alpha" / "metrics.jsonl"
     _write(path, [_student_row(i, knn=False) for i in range(3)], tail='{"iteration": 3, "loss": 4.')
-    assert [r["iteration"] for r in read_rows(path)] == [0, 1, 2]
+    assert [r["iteration"] for r in read_records(path)] == [0, 1, 2]
     assert collect_series(run, ["alpha"])["alpha"]["loss"]["loss"][0] == [0, 1, 2]
     path.write_text(path.read_text() + "\n" + json.dumps(_student_row(4, knn=False)) + "\n")
     with pytest.raises(DinodistError, match=r"metrics.jsonl:4: not a metrics record"):
-        read_rows(path)
+        read_records(path)
 
 
 def test_a_running_job_without_summary_and_an_ssl_run(tmp_path):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
+
+from dinodist.core.errors import DinodistError
 
 
 def _drop_from(path: Path, start: int) -> None:
@@ -36,3 +38,38 @@ def open_metrics(path: str | Path, start: int = 0) -> TextIO:
 def write_record(f: TextIO, record: dict) -> None:
     """One line; a line-buffered file from `open_metrics` has it on disk at once, even if the run dies."""
     f.write(json.dumps(record) + "\n")
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl; an unparsable last line (a running job mid-write, or one killed
+    mid-line) is skipped, an unparsable line before it is a one-line error naming the file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise DinodistError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    rows = []
+    for k, (lineno, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            if k == len(numbered) - 1:
+                break  # torn by a writer that is still running (or was killed mid-line)
+            why = str(exc).splitlines()[0]
+            raise DinodistError(f"{path}:{lineno}: not a metrics record ({why})") from None
+        rows.append(row)
+    return rows
+
+
+def knn_last_best(rows: list[dict]) -> dict[str, Any] | None:
+    """Last and best `knn_top1` of metrics records, with their iterations (the first of equal bests, as
+    the loop keeps the first), and how many evaluations; None when none was measured."""
+    evals = [r for r in rows if isinstance(r.get("knn_top1"), int | float)]
+    if not evals:
+        return None
+    best = max(evals, key=lambda r: r["knn_top1"])
+    return {"last": evals[-1]["knn_top1"], "last_iteration": evals[-1].get("iteration"),
+            "best": best["knn_top1"], "best_iteration": best.get("iteration"), "evaluations": len(evals)}
