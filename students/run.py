@@ -44,7 +44,7 @@ from dinodist.core.data.device import prepare_batch
 from dinodist.core.data.loader import BatchLoader
 from dinodist.core.data.sources import build_source
 from dinodist.core.errors import DinodistError
-from dinodist.core.eval.inloop import KnnSettings, ShardedKnn, due
+from dinodist.core.eval.inloop import KnnSettings, ShardedKnn, backbone_forward, due
 from dinodist.core.models import HeadSpec, build_backbone, compile_blocks, load_backbone_state, save_backbone
 from dinodist.core.models.io import write_sidecar
 from dinodist.core.models.rope import set_rope_dtype, student_rope_dtype
@@ -307,29 +307,6 @@ _WIRE = {"teacher_agreement": "teacher_agreement_ratio", "teacher_cosine": "teac
 BEST_BACKBONE = "backbone-best.pth"
 
 
-def _eval_forward(ema: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The EMA backbone's CLS features as an FSDP2 forward method of the EMA root: outside a registered
-    method, the root unit's parameters (patch embed, tokens, norms) stay sharded."""
-    import types
-
-    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
-
-    if not hasattr(ema, "eval_features"):
-        ema.eval_features = types.MethodType(lambda self, x: self.backbone(x), ema)
-        if isinstance(ema, FSDPModule):
-            register_fsdp_forward_method(ema, "eval_features")
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        was = ema.training
-        ema.eval()
-        try:
-            return ema.eval_features(x)
-        finally:
-            ema.train(was)
-
-    return forward
-
-
 def _best_so_far(path: Path, before: int) -> float | None:
     """The best `knn_top1` of the metrics rows before `before` (a resumed run continues that record)."""
     if not before or not path.is_file():
@@ -346,7 +323,7 @@ class _InLoopEval:
         self.job, self.ctx, self.ema = job, ctx, ema
         self.knn = ShardedKnn(job.knn, ctx.group if ctx.group_size > 1 else None, ctx.group_rank,
                               ctx.group_size, ctx.device)
-        self.forward = _eval_forward(ema)
+        self.forward = backbone_forward(ema)
         # group rank 0 decides what is a new best; the others learn it with the result
         self.best = _best_so_far(job.group_dir / "metrics.jsonl", first) if ctx.group_rank == 0 else None
 

@@ -43,7 +43,7 @@ from dinodist.core.data.loader import BatchLoader
 from dinodist.core.data.sampler import global_batch
 from dinodist.core.data.sources import build_source
 from dinodist.core.errors import DinodistError, first_line
-from dinodist.core.eval.inloop import KnnSettings, ShardedKnn
+from dinodist.core.eval.inloop import KnnSettings, ShardedKnn, backbone_forward
 from dinodist.core.models import HeadSpec
 from dinodist.core.target_store import StoreWriter
 from dinodist.core.targets import (
@@ -302,7 +302,7 @@ def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh,
     elif knn is not None:
         # Once, after the last targets were sent (and the store closed): the students need nothing more
         # from the teacher, so its evaluation overlaps their last iterations instead of stalling them.
-        top1, seconds = knn.evaluate(_teacher_features(model, device))
+        top1, seconds = knn.evaluate(backbone_forward(model, autocast_bf16=True))
         totals["knn_seconds"] = seconds
         if top1 is not None:
             totals["knn_top1"] = top1
@@ -318,27 +318,6 @@ def run_teacher(job: TeacherJob, exchange: ExchangePlan, rank: int, group, mesh,
             stats["store"] = {"path": str(store.path), "dtype": store.dtype, **store.stats}
         (out_dir / "stats.json").write_text(json.dumps(stats, indent=1))
     return totals
-
-
-def _teacher_features(model, device: torch.device):
-    """The frozen backbone's CLS features, as a forward method of the FSDP2 root when it is sharded (its
-    root parameters are unsharded only inside one); bf16 autocast on GPU as for the targets."""
-    import types
-
-    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
-
-    if not hasattr(model, "eval_features"):
-        model.eval_features = types.MethodType(lambda self, x: self.backbone(x), model)
-        if isinstance(model, FSDPModule):
-            register_fsdp_forward_method(model, "eval_features")
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                    else contextlib.nullcontext())
-        with torch.no_grad(), autocast:
-            return model.eval_features(x)
-
-    return forward
 
 
 def _serve(job: TeacherJob, exchange: ExchangePlan, rank: int, group_rank: int, model, loader, store,

@@ -264,10 +264,9 @@ def test_losses_are_bit_identical_with_eval_on_and_off(tmp_path, world):
 
 def _sharded_features(rank: int, folder: str, out: str) -> None:
     from dinodist.core.distributed import group_mesh
-    from dinodist.core.eval.inloop import KnnSettings, ShardedKnn
+    from dinodist.core.eval.inloop import KnnSettings, ShardedKnn, backbone_forward
     from dinodist.core.models.arch import TINY_DINO_HEAD, TINY_IBOT_HEAD
     from dinodist.students.model import build_student, make_ema, shard_student
-    from dinodist.students.run import _eval_forward
 
     s = KnnSettings(every=1, train=f"folder:{folder}", test=f"folder:{folder}", train_index=None,
                     test_index=None, limit_train=7, limit_test=None, image_size=16, k=3, temperature=0.07,
@@ -278,8 +277,8 @@ def _sharded_features(rank: int, folder: str, out: str) -> None:
     shard_student(ema, group_mesh(group, [0, 1], "cpu"))
     knn = ShardedKnn(s, group, rank, 2, torch.device("cpu"))
     assert knn.train.shares == [3, 4] and knn.train.steps == 2
-    feats = knn.features(_eval_forward(ema), knn.train)
-    top1, _ = knn.evaluate(_eval_forward(ema))
+    feats = knn.features(backbone_forward(ema), knn.train)
+    top1, _ = knn.evaluate(backbone_forward(ema))
     if rank == 0:
         torch.save({"feats": feats, "top1": top1}, Path(out) / "sharded.pt")
 

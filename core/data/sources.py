@@ -79,7 +79,8 @@ class ImageSource:
         return int(i)
 
 
-def _pil_to_uint8_chw(img: Image.Image) -> torch.Tensor:
+def pil_to_uint8_chw(img: Image.Image) -> torch.Tensor:
+    """uint8 [3, H, W] RGB of a decoded Pillow image (any mode)."""
     arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
@@ -116,7 +117,7 @@ class FileListSource(ImageSource):
                 f"index says {self._sizes[i]}: the data changed since the index was written; rebuild it"
             )
         with Image.open(io.BytesIO(data)) as img:
-            return _pil_to_uint8_chw(img)
+            return pil_to_uint8_chw(img)
 
     def load(self, i: int) -> torch.Tensor:
         i = self._check_index(i)

@@ -54,6 +54,35 @@ class KnnSettings:
     batch_size: int  # images per forward, per rank
 
 
+def backbone_forward(root: torch.nn.Module, autocast_bf16: bool = False) -> Forward:
+    """The CLS features of `root.backbone` as a forward method of `root`, registered with FSDP2 when
+    `root` is sharded: outside one, the root unit's parameters (patch embed, tokens, norms) stay
+    sharded. Eval mode during the call (the root's mode is restored after); `autocast_bf16`: bf16
+    autocast on CUDA, as the teacher computes its targets."""
+    import contextlib
+    import types
+
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    if not hasattr(root, "eval_features"):
+        root.eval_features = types.MethodType(lambda self, x: self.backbone(x), root)
+        if isinstance(root, FSDPModule):
+            register_fsdp_forward_method(root, "eval_features")
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        was = root.training
+        root.eval()
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if autocast_bf16 and x.is_cuda
+                    else contextlib.nullcontext())
+        try:
+            with autocast:
+                return root.eval_features(x)
+        finally:
+            root.train(was)
+
+    return forward
+
+
 def due(iteration: int, iterations: int, every: int) -> bool:
     """Whether the loop evaluates after `iteration` (0-based): after every `every`-th one and the last."""
     return (iteration + 1) % every == 0 or iteration == iterations - 1

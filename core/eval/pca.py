@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from dinodist.core.data.sources import pil_to_uint8_chw
 from dinodist.core.errors import DinodistError, first_line
 from dinodist.core.eval import IMAGENET_MEAN, IMAGENET_STD, preprocess
 
@@ -39,10 +40,9 @@ def read_image(path: str | os.PathLike) -> Tensor:
     try:
         with Image.open(p) as img:
             img.load()  # decode now: a truncated file fails here, inside the try
-            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            return pil_to_uint8_chw(img)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DinodistError(f"image {p}: cannot read it ({first_line(exc)})") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
 def to_display(x: Tensor) -> np.ndarray:

@@ -40,6 +40,9 @@ _MAPPED = {
     "rope_rescale", "rope_shift", "rope_jitter", "drop_path_rate",
 }
 _TRAIN_ONLY_KEYS = ("local_cls_norm.",)
+# official FFN linear -> transformers' name, per ArchSpec.ffn_layer
+_FFN_NAMES = {"mlp": {"fc1": "up_proj", "fc2": "down_proj"},
+              "swiglu": {"w1": "gate_proj", "w2": "up_proj", "w3": "down_proj"}}
 _BUFFERS = ("rope_embed.periods",)
 
 
@@ -174,9 +177,7 @@ def to_hf_state_dict(spec: ArchSpec, state: dict[str, Tensor]) -> dict[str, Tens
         out[f"{dst}attention.o_proj.bias"] = take(f"{src}attn.proj.bias")
         out[f"{dst}layer_scale1.lambda1"] = take(f"{src}ls1.gamma")
         out[f"{dst}layer_scale2.lambda1"] = take(f"{src}ls2.gamma")
-        names = {"fc1": "up_proj", "fc2": "down_proj"} if spec.ffn_layer == "mlp" else {
-            "w1": "gate_proj", "w2": "up_proj", "w3": "down_proj"}
-        for ours, theirs in names.items():
+        for ours, theirs in _FFN_NAMES[spec.ffn_layer].items():
             out[f"{dst}mlp.{theirs}.weight"] = take(f"{src}mlp.{ours}.weight")
             out[f"{dst}mlp.{theirs}.bias"] = take(f"{src}mlp.{ours}.bias")
     left = sorted(k for k in state
@@ -205,8 +206,7 @@ def from_hf_state_dict(spec: ArchSpec, hf_state: dict[str, Tensor]) -> dict[str,
     }
     if spec.n_storage_tokens:
         out["storage_tokens"] = hf["embeddings.register_tokens"].reshape(1, spec.n_storage_tokens, d)
-    names = {"fc1": "up_proj", "fc2": "down_proj"} if spec.ffn_layer == "mlp" else {
-        "w1": "gate_proj", "w2": "up_proj", "w3": "down_proj"}
+    names = _FFN_NAMES[spec.ffn_layer]
     for i in range(spec.depth):
         src, dst = f"layer.{i}.", f"blocks.{i}."
         out[f"{dst}norm1.weight"] = hf[f"{src}norm1.weight"]
