@@ -127,22 +127,24 @@ def inference_dtype(device: torch.device) -> torch.dtype:
 _FP32_PARAMS = ("last_layer.",)
 
 
+def _placed_dtype(key: str, t: Tensor, is_buffer: bool, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the teacher holds tensor `key` (relative to its part) in: the inference `dtype` for
+    floating parameters, fp32 for buffers (RoPE periods lose precision in bf16, and FSDP's mixed
+    precision never cast buffers either) and for the `_FP32_PARAMS`; other tensors as they are."""
+    if not t.is_floating_point():
+        return t.dtype
+    return torch.float32 if is_buffer or key.startswith(_FP32_PARAMS) else dtype
+
+
 def _placed(module: nn.Module, state: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     """`state` as `module` holds it on `device`: each tensor copied at most once, none if already right.
 
-    Buffers stay fp32: RoPE periods lose precision in bf16, and FSDP's mixed precision never cast
-    buffers either. Copies go to the device first and are cast there (a CPU-side cast would make a
-    second host copy of each tensor).
+    Copies go to the device first and are cast there (a CPU-side cast would make a second host copy of
+    each tensor).
     """
     dtype = inference_dtype(device)
     buffers = {name for name, _ in module.named_buffers()}
-    out = {}
-    for k, v in state.items():
-        want = v.dtype
-        if v.is_floating_point():
-            want = torch.float32 if k in buffers or k.startswith(_FP32_PARAMS) else dtype
-        out[k] = v.to(device).to(want)
-    return out
+    return {k: v.to(device).to(_placed_dtype(k, v, k in buffers, dtype)) for k, v in state.items()}
 
 
 def _assign(module: nn.Module, state: dict[str, Tensor], device: torch.device) -> nn.Module:
@@ -151,14 +153,18 @@ def _assign(module: nn.Module, state: dict[str, Tensor], device: torch.device) -
     return module
 
 
+def _check_kind(kind: str) -> None:
+    if kind not in (HEADS, FEATURES):
+        raise DinodistError(f"teacher.targets must be 'heads' or 'features', got {kind!r}")
+
+
 def load_teacher(arch: str, overrides: dict | None, checkpoint: str | None, kind: str,
                  dino_head: HeadSpec, ibot_head: HeadSpec, seed: int = 0, *,
                  device: torch.device | str | None = None) -> LoadedTeacher:
     """Build and load the frozen teacher (eval, no grad) on `device` (default CPU) in its inference
     dtype (`inference_dtype`); the caller shards it."""
     device = torch.device(device if device is not None else "cpu")
-    if kind not in (HEADS, FEATURES):
-        raise DinodistError(f"teacher.targets must be 'heads' or 'features', got {kind!r}")
+    _check_kind(kind)
     spec = get_arch(arch, **(overrides or {}))
     with_heads = kind == HEADS
     if checkpoint is None:
@@ -176,14 +182,16 @@ def load_teacher(arch: str, overrides: dict | None, checkpoint: str | None, kind
         for m in (backbone, dh, ih):
             if m is not None:
                 _assign(m, m.state_dict(), device)
-        return _finish(backbone, dh, ih, kind, spec, dino_head, ibot_head, f"random-init:{seed}")
+        return _finish(TeacherModel(backbone, dh, ih, kind), spec, dino_head if with_heads else None,
+                       ibot_head if with_heads else None, f"random-init:{seed}")
 
     ck = _read_checkpoint(Path(checkpoint), spec, kind, dino_head, ibot_head)
     model = _meta_model(ck)
-    for part in (model.backbone, model.dino_head, model.ibot_head):
+    for name, sd in ck.parts.items():
+        part = getattr(model, name)
         if part is not None:
-            _assign(part, ck.parts[_part_name(model, part)], device)
-    return _finish_model(model, ck)
+            _assign(part, sd, device)
+    return _finish(model, ck.spec, ck.dino_head, ck.ibot_head, ck.identity)
 
 
 @dataclass
@@ -240,15 +248,6 @@ def _meta_model(ck: _Checkpoint) -> TeacherModel:
     return TeacherModel(backbone, dh, ih, ck.kind)
 
 
-def _part_name(model: TeacherModel, part: nn.Module) -> str:
-    return next(name for name, m in model.named_children() if m is part)
-
-
-def _finish_model(model: TeacherModel, ck: _Checkpoint) -> LoadedTeacher:
-    model.eval().requires_grad_(False)
-    return LoadedTeacher(model, ck.spec, ck.dino_head, ck.ibot_head, ck.identity)
-
-
 def _check_head(in_dim: int, spec: HeadSpec, sd: dict, path: Path, name: str) -> nn.Module:
     """The head on the meta device, once the file's `name.*` tensors are known to fit it."""
     if not sd:
@@ -269,11 +268,11 @@ def _check_head(in_dim: int, spec: HeadSpec, sd: dict, path: Path, name: str) ->
     return head
 
 
-def _finish(backbone, dh, ih, kind, spec, dino_head, ibot_head, identity) -> LoadedTeacher:
-    model = TeacherModel(backbone, dh, ih, kind).eval()
-    model.requires_grad_(False)
-    return LoadedTeacher(model, spec, dino_head if kind == HEADS else None,
-                         ibot_head if kind == HEADS else None, identity)
+def _finish(model: TeacherModel, spec: ArchSpec, dino_head: HeadSpec | None, ibot_head: HeadSpec | None,
+            identity: str) -> LoadedTeacher:
+    """The loaded teacher, frozen: eval mode, no gradients."""
+    model.eval().requires_grad_(False)
+    return LoadedTeacher(model, spec, dino_head, ibot_head, identity)
 
 
 TEACHER_LAYOUTS = ("fsdp", "hsdp", "replicate")
@@ -369,31 +368,28 @@ def load_sharded_teacher(arch: str, overrides: dict | None, checkpoint: str | No
         loaded = load_teacher(arch, overrides, checkpoint, kind, dino_head, ibot_head, seed, device=device)
         shard_teacher(loaded.model, mesh, layout, shard_size=shard_size)
         return loaded
-    if kind not in (HEADS, FEATURES):
-        raise DinodistError(f"teacher.targets must be 'heads' or 'features', got {kind!r}")
+    _check_kind(kind)
     ck = _read_checkpoint(Path(checkpoint), get_arch(arch, **(overrides or {})), kind, dino_head, ibot_head)
     model = _meta_model(ck)
     state = {f"{part}.{k}": v for part, sd in ck.parts.items() for k, v in sd.items()}
     dtype = inference_dtype(device)
-    buffers = {name for name, _ in model.named_buffers()}
-    with torch.no_grad():  # the placement rule of `_placed`, applied to the meta parameters before sharding
+    with torch.no_grad():  # `_placed`'s dtypes, given to the meta parameters before sharding
         for name, p in model.named_parameters():
-            if p.is_floating_point() and not name.split(".", 1)[1].startswith(_FP32_PARAMS):
-                p.data = p.data.to(dtype)
+            p.data = p.data.to(_placed_dtype(name.split(".", 1)[1], p, False, dtype))
     shard_teacher(model, mesh, layout, shard_size=shard_size)
     model.to_empty(device=device)
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            _copy_shard(t, state[name], name in buffers)
-    return _finish_model(model, ck)
+            _copy_shard(t, state[name])
+    return _finish(model, ck.spec, ck.dino_head, ck.ibot_head, ck.identity)
 
 
-def _copy_shard(t: Tensor, full: Tensor, is_buffer: bool) -> None:
-    """Fill `t` (a DTensor parameter's local shard, or a whole buffer) from the file's full tensor,
-    reading only the rows that land on this rank."""
+def _copy_shard(t: Tensor, full: Tensor) -> None:
+    """Fill `t` (a DTensor parameter's local shard, or a whole buffer: FSDP2 never shards those) from
+    the file's full tensor, reading only the rows that land on this rank."""
     from torch.distributed.tensor import DTensor
 
-    if is_buffer or not isinstance(t, DTensor):
+    if not isinstance(t, DTensor):
         t.copy_(full)
         return
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
