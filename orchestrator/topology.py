@@ -106,6 +106,8 @@ class StudentOptim(_Strict):
     ema: float | None = Field(None, ge=0, le=1)
     clip_grad: float | None = Field(None, ge=0)
     warmup_iterations: int | None = Field(None, ge=0)
+    lr_schedule: Literal["constant", "cosine"] | None = None
+    lr_end: float | None = Field(None, ge=0)
     layerwise_decay: float | None = Field(None, gt=0, le=1)
     student_temp: float | None = Field(None, gt=0)
     koleo_weight: float | None = Field(None, ge=0)
@@ -170,6 +172,10 @@ class Train(_Strict):
     ibot_weight: float = Field(1.0, ge=0)
     clip_grad: float = Field(3.0, ge=0)
     warmup_iterations: int = Field(0, ge=0)
+    # after warmup: constant lr (the official distilled recipe) or a cosine decay to lr_end at the last
+    # iteration (as the SSL stages; measured for short CPU runs in docs/quality.md)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_end: float = Field(0.0, ge=0)
     checkpoint_every: int | None = Field(None, gt=0)
     # checkpoints kept per group (older ones are deleted); 2 so that a crash while the newest is being
     # written, or a torn newest one, still leaves one that every group has (resume needs a common one)
@@ -515,6 +521,12 @@ def check_topology(topo: Topology) -> None:
                     f"{where}.{head}.n_prototypes: {mine.n_prototypes} differs from the teacher's "
                     f"{theirs.n_prototypes}"
                 )
+        merged = topo.student_train(s.name)
+        if merged["lr_schedule"] == "cosine" and merged["lr_end"] > merged["lr"]:
+            field = f"{where}.optim.lr_end" if s.optim.lr_end is not None else "train.lr_end"
+            raise DinodistError(
+                f"{field}: {merged['lr_end']:g} exceeds the lr {merged['lr']:g} it decays from ({s.name})"
+            )
         if s.batch_per_rank is not None:
             if g % s.batch_per_rank:
                 raise DinodistError(

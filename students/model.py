@@ -10,6 +10,7 @@ in the SSL stages.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,8 @@ class StudentOptim:
     ema: float
     patch_embed_lr_mult: float = 0.2
     betas: tuple[float, float] = (0.9, 0.999)
+    lr_schedule: str = "constant"  # after warmup: "constant" or "cosine" (to lr_end at the last iteration)
+    lr_end: float = 0.0
 
 
 class Student(nn.Module):
@@ -116,8 +119,17 @@ def make_ema(student: nn.Module) -> nn.Module:
     return ema
 
 
-def lr_at(iteration: int, cfg: StudentOptim) -> float:
-    """Linear warmup from 0 to `lr`, then constant (the distilled recipe's shape)."""
+def lr_at(iteration: int, cfg: StudentOptim, iterations: int) -> float:
+    """Linear warmup from 0 to `lr`, then constant (the official distilled recipe's shape) or a cosine from
+    `lr` to `lr_end` at iteration `iterations - 1`.
+
+    A function of the absolute iteration only, so a resumed run follows the same curve."""
     if cfg.warmup_iterations > 0 and iteration < cfg.warmup_iterations:
         return cfg.lr * iteration / cfg.warmup_iterations
-    return cfg.lr
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule != "cosine":
+        raise ValueError(f"lr_schedule must be constant or cosine, got {cfg.lr_schedule!r}")
+    span = iterations - 1 - cfg.warmup_iterations
+    progress = min(1.0, (iteration - cfg.warmup_iterations) / span) if span > 0 else 1.0
+    return cfg.lr_end + 0.5 * (cfg.lr - cfg.lr_end) * (1.0 + math.cos(math.pi * progress))

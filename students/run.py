@@ -157,9 +157,9 @@ def student_step(job: StudentJob, ctx: GroupContext, student: torch.nn.Module, e
     terms = {**terms, **quality}
     opt = job.optim
     # loss_scale: 1.0 with even shares; see the module docstring for why uneven ones need it
-    optimizer_step(loss, optimizer, student, ema, lr=lr_at(iteration, opt), wd=opt.weight_decay,
-                   clip_grad=opt.clip_grad if opt.clip_grad > 0 else None, momentum=opt.ema,
-                   loss_scale=scale, measure_norms=False)
+    optimizer_step(loss, optimizer, student, ema, lr=lr_at(iteration, opt, job.iterations),
+                   wd=opt.weight_decay, clip_grad=opt.clip_grad if opt.clip_grad > 0 else None,
+                   momentum=opt.ema, loss_scale=scale, measure_norms=False)
     # After the step, so the device never idles mid-step waiting for the host: the losses are read
     # once, as one tensor, this rank's loss (for the NaN check) first, then the group-level values.
     names = list(terms)
@@ -265,7 +265,8 @@ def train_student(job: StudentJob, targets: TargetSource, last_layers: dict[str,
                 totals["eval_seconds"] += evaluated["knn_seconds"]
             if writer is not None:
                 line = {"iteration": it, "loss": group_loss, **terms, **evaluated, "step_seconds": step,
-                        "wait_seconds": wait, "images": job.global_batch}
+                        "wait_seconds": wait, "images": job.global_batch,
+                        "lr": lr_at(it, job.optim, job.iterations)}
                 write_record(writer, line)
             if tgt.last or (job.checkpoint_every and (it + 1) % job.checkpoint_every == 0):
                 tc = time.perf_counter()

@@ -132,7 +132,8 @@ def student_job(topo: Topology, name: str, out_dir: str | Path) -> StudentJob:
     dino, ibot = topo.student_heads(name)
     optim = StudentOptim(lr=tr["lr"], weight_decay=tr["weight_decay"],
                          warmup_iterations=tr["warmup_iterations"], layerwise_decay=tr["layerwise_decay"],
-                         clip_grad=tr["clip_grad"], ema=tr["ema"])
+                         clip_grad=tr["clip_grad"], ema=tr["ema"], lr_schedule=tr["lr_schedule"],
+                         lr_end=tr["lr_end"])
     loss = LossConfig(teacher_temp=tr["teacher_temp"], student_temp=tr["student_temp"],
                       ibot_weight=tr["ibot_weight"], koleo_weight=tr["koleo_weight"],
                       loss_chunk_rows=tr["loss_chunk_rows"], loss_precision=tr["loss_precision"])
