@@ -1,7 +1,8 @@
 """Do students learn what the teacher knows? Distillation quality on Fashion-MNIST, side by side in one run.
 
-1. Teacher: trains the SSL stage config (default configs/stages/cpu-pretrain.yaml) into
-   `--cache/teacher-run` and exports it to `--cache/teacher.pth`, or reuses that export when it exists.
+1. Teacher: trains the SSL stage config (default configs/stages/cpu-fashion-teacher.yaml) into
+   `--cache/teacher-run` and exports it to `--cache/teacher.pth`, or reuses that export when it exists and
+   was made from the same stage config and iterations (another one is refused: use another `--cache`).
 2. Distillation: one `dinodist distill` run of the topology (default configs/topologies/cpu-fashion.yaml,
    two tiny students of different sizes; one teacher forward per global batch serves both), its wall time W
    measured around the command.
@@ -12,10 +13,11 @@
    calibration run measures the twin's seconds per iteration (startup included), and the twin then runs
    `floor((W - startup) / s_per_it)` iterations, so its lr / EMA / weight-decay schedules complete.
    The measured twin wall times are reported beside W.
-4. k-NN (the `dinodist eval knn` protocol: 64 px resize, CLS, cosine, k=20, T=0.07) on the first
-   `--limit-train` train / `--limit-test` test images of Fashion-MNIST for: the teacher, each student after
-   distillation, each student's random init (same arch, overrides and seed as the distillation builds it),
-   each SSL twin, and raw pixels (28x28, cosine k-NN, same k and T).
+4. k-NN (the `dinodist eval knn` protocol: resize to `--image-size`, default the topology's
+   `data.global_crop_size`, the resolution every model here trained at; CLS, cosine, k=20, T=0.07) on the
+   first `--limit-train` train / `--limit-test` test images of Fashion-MNIST for: the teacher, each student
+   after distillation, each student's random init (same arch, overrides and seed as the distillation builds
+   it), each SSL twin, and raw pixels (28x28, cosine k-NN, same k and T).
    Transfer to other data: the same k-NN on scikit-learn's handwritten digits (1797 8x8 images shipped
    inside the package, no download; first 1000 as the k-NN memory, the remaining 797 as queries), a domain
    none of the models was trained on. Skipped, with a note, when scikit-learn is not installed.
@@ -61,7 +63,14 @@ def dinodist(*args: str, log: Path) -> float:
 
 def teacher(stage: Path, cache: Path, iterations: int | None) -> Path:
     pth = cache / "teacher.pth"
+    made = {"stage": str(stage.resolve()), "iterations": iterations}
+    record = cache / "teacher-wall.json"
     if pth.is_file() and Path(str(pth) + ".json").is_file():
+        had = json.loads(record.read_text()) if record.is_file() else {}
+        if {k: had.get(k) for k in made} != made:
+            sys.exit(f"distill_quality: --cache {cache} holds a teacher of "
+                     f"{had.get('stage', 'an unknown stage')} (iterations {had.get('iterations')}), not of "
+                     f"{made['stage']} (iterations {iterations}); give another --cache")
         print(f"teacher: reusing {pth}", flush=True)
         return pth
     cache.mkdir(parents=True, exist_ok=True)
@@ -71,7 +80,7 @@ def teacher(stage: Path, cache: Path, iterations: int | None) -> Path:
     print(f"teacher: training {stage} -> {run}", flush=True)
     wall = dinodist(*args, log=cache / "teacher-train.log")
     dinodist("export-teacher", str(run), str(pth), log=cache / "teacher-export.log")
-    (cache / "teacher-wall.json").write_text(json.dumps({"wall_s": wall, "stage": str(stage)}))
+    record.write_text(json.dumps({"wall_s": wall, **made}))
     return pth
 
 
@@ -197,7 +206,7 @@ def params(model) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--stage", type=Path, default=REPO / "configs/stages/cpu-pretrain.yaml",
+    ap.add_argument("--stage", type=Path, default=REPO / "configs/stages/cpu-fashion-teacher.yaml",
                     help="teacher SSL stage config (trained unless --cache holds teacher.pth)")
     ap.add_argument("--teacher-iterations", type=int, help="override the teacher stage's train.iterations")
     ap.add_argument("--cache", type=Path, default=REPO / "runs/quality-cache",
@@ -210,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "runs/quality")
     ap.add_argument("--limit-train", type=int, default=10000)
     ap.add_argument("--limit-test", type=int, default=2000)
-    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--image-size", type=int,
+                    help="k-NN resolution (default: the topology's data.global_crop_size)")
     ap.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
@@ -218,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     t_pth = teacher(args.stage, args.cache, args.teacher_iterations)
     topo, d_wall = distill(args.topology, t_pth, args.out, args.iterations)
     d_iters = topo["train"]["iterations"]
+    size = args.image_size or topo["data"]["global_crop_size"]
     print(f"distill: {d_wall:.0f} s wall for {d_iters} iterations", flush=True)
     twins = {}
     if not args.no_twins:
@@ -230,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     from dinodist.core.eval.backbone import load_eval_backbone
 
     torch.set_num_threads(int(os.environ.get("EVAL_THREADS", "2")))
-    ev = Evaluator(args.limit_train, args.limit_test, args.image_size)
+    ev = Evaluator(args.limit_train, args.limit_test, size)
     rows = []
 
     def add(kind: str, name: str, model, iters=None, wall=None, **extra) -> dict:
@@ -262,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         r["pct_teacher"] = 100 * r["knn"] / t_row["knn"]
 
     summary = {"teacher": str(t_pth), "topology": str(args.topology), "distill_wall_s": round(d_wall, 1),
-               "limit_train": args.limit_train, "limit_test": args.limit_test, "rows": rows}
+               "limit_train": args.limit_train, "limit_test": args.limit_test, "image_size": size,
+               "rows": rows}
     goals = {}
     for s in topo["students"]:
         by = {r["model"]: r for r in rows if r["student"] == s["name"]}
@@ -276,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dig = ev.digits is not None
     print(f"\nk-NN k=20 on Fashion-MNIST {args.limit_train} train / {args.limit_test} test at "
-          f"{args.image_size} px" + ("; digits: sklearn 8x8 digits, 1000 / 797" if dig else ""))
+          f"{size} px" + ("; digits: sklearn 8x8 digits, 1000 / 797" if dig else ""))
     head = "| model | student | params | iterations | wall s | k-NN % | % of teacher |"
     head += " digits k-NN % |" if dig else ""
     print(head)
