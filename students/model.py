@@ -123,7 +123,7 @@ def lr_at(iteration: int, cfg: StudentOptim, iterations: int) -> float:
     """Linear warmup from 0 to `lr`, then constant (the official distilled recipe's shape) or a cosine from
     `lr` to `lr_end` at iteration `iterations - 1`.
 
-    A function of the absolute iteration only, so a resumed run follows the same curve."""
+    A function of the absolute iteration and the run's length, so a resumed run follows the same curve."""
     if cfg.warmup_iterations > 0 and iteration < cfg.warmup_iterations:
         return cfg.lr * iteration / cfg.warmup_iterations
     if cfg.lr_schedule == "constant":

@@ -35,7 +35,7 @@ def test_warmup_then_constant_or_cosine_to_lr_end():
     assert curve[0] == pytest.approx(1e-3) and curve[-1] == pytest.approx(1e-5, abs=1e-15)
     assert all(a > b for a, b in zip(curve, curve[1:]))  # strictly decreasing after warmup
     assert lr_at(60, cos, n) == pytest.approx((1e-3 + 1e-5) / 2)
-    assert lr_at(n + 5, cos, n) == pytest.approx(1e-5)  # a longer resumed run stays at the end
+    assert lr_at(n + 5, cos, n) == pytest.approx(1e-5)  # past the last iteration: lr_end
     with pytest.raises(ValueError, match="lr_schedule must be constant or cosine, got 'step'"):
         lr_at(20, _optim(lr_schedule="step"), n)
 
