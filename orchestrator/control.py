@@ -39,7 +39,7 @@ from typing import Any, Literal, Protocol
 import zmq
 
 from dinodist.core.control import messages as m
-from dinodist.core.control.client import KEY_ENV
+from dinodist.core.control.client import KEY_ENV, owned_socket
 from dinodist.core.errors import DinodistError
 from dinodist.core.procs import pid_alive
 from dinodist.core.train.preempt import PREEMPTED_EXIT
@@ -155,8 +155,7 @@ class ControlServer:
         self._stop_thread = threading.Event()
         self.thread_error: BaseException | None = None
 
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._ctx, self._sock, self._release = owned_socket(self, zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         # Frames far above the cap make zmq drop the peer instead of buffering them; frames between
         # the cap and this hard limit arrive and are dropped and counted by `decode`.
@@ -170,8 +169,7 @@ class ControlServer:
         try:
             self._sock.bind(f"tcp://{host}:{port if port else '*'}")
         except zmq.ZMQError as exc:
-            self._sock.close(0)
-            self._ctx.term()
+            self._release()
             raise DinodistError(f"control.bind: cannot bind {host}:{port}: {exc}") from None
         self.port = int(self._sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         wildcard = bind in ("*", "0.0.0.0", "::", "[::]")
@@ -584,9 +582,7 @@ class ControlServer:
         if self._thread is not None:
             self._stop_thread.set()
             self._thread.join(timeout=5)
-        if not self._sock.closed:
-            self._sock.close(linger=0)
-            self._ctx.term()
+        self._release()
 
     def __enter__(self) -> ControlServer:
         return self

@@ -483,3 +483,28 @@ def test_supervise_restarts_a_group_at_most_max_restarts_times():
         assert out.exit_code == 1
         assert out.message == ("rank 1 (group vits) exited with code 3 (group vits restarted 2 times, "
                                "control.max_restarts is 2)")
+
+
+@pytest.mark.multiproc
+def test_dropped_unclosed_endpoints_are_collected_without_hanging():
+    # A client or server dropped without close() in a reference cycle: pyzmq's own finalizers clear the
+    # context's weak set of sockets before destroying it and then wait forever in zmq_ctx_term.
+    code = (
+        "import gc\n"
+        "from dinodist.core.control.client import ControlClient\n"
+        "from dinodist.orchestrator.control import ControlServer\n"
+        "for _ in range(3):\n"
+        "    srv = ControlServer(bind='127.0.0.1', port=0)\n"
+        "    c = ControlClient(srv.address, 0, 'g', key=srv.rank_key(0, 'g'))\n"
+        "    c.register()\n"
+        "    srv.poll(0.05)\n"
+        "    srv.cycle, c.cycle = srv, c\n"
+        "    del srv, c\n"
+        "    gc.collect()\n"
+        "print('collected')\n")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("collecting an unclosed control endpoint hung")
+    assert out.returncode == 0, out.stderr
+    assert "collected" in out.stdout

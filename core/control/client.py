@@ -12,6 +12,7 @@ import math
 import os
 import socket
 import time
+import weakref
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -58,6 +59,29 @@ def rank_key_from_env(rank: int, group: str, secret_env: str | None = None) -> b
         return m.rank_key(m.secret_from_env(secret_env), rank, group)
     raise DinodistError(f"{KEY_ENV}: environment variable is unset; the supervisor passes each rank its "
                         "control-plane key there (on clusters set control.secret_env instead)")
+
+
+def _close_socket(sock: zmq.Socket, ctx: zmq.Context) -> None:
+    if not sock.closed:
+        sock.close(linger=0)
+    if not ctx.closed:
+        ctx.term()
+
+
+def owned_socket(owner: object, kind: int) -> tuple[zmq.Context, zmq.Socket, weakref.finalize]:
+    """A context and one socket of `kind` that are closed (linger 0) and terminated when `owner` is
+    collected or the returned finalizer is called, whichever comes first.
+
+    Left to pyzmq's own finalizers, an owner dropped without `close()` can hang the process for good: in a
+    cyclic collection the context's weak set of sockets is cleared before its `__del__` runs, so that
+    `destroy()` closes nothing and `zmq_ctx_term` waits forever on the still-open socket. The finalizer
+    holds both strongly, so the socket is always closed first."""
+    ctx = zmq.Context()
+    sock = ctx.socket(kind)
+    release = weakref.finalize(owner, _close_socket, sock, ctx)
+    # not at exit: a daemon thread may still be polling the socket, and the OS reclaims both anyway
+    release.atexit = False
+    return ctx, sock, release
 
 
 class ControlClient:
@@ -120,8 +144,7 @@ class ControlClient:
         self._register_kw: dict[str, Any] | None = None
         self._register_msg_at = -math.inf
         self._replay = m.ReplayGuard()
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
+        self._ctx, self._sock, self._release = owned_socket(self, zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
         self._sock.setsockopt(zmq.RCVHWM, 1024)
@@ -326,9 +349,7 @@ class ControlClient:
         return self._final(m.Error(**self._envelope("error"), message=text), "error", timeout_ms)
 
     def close(self) -> None:
-        if not self._sock.closed:
-            self._sock.close(linger=0)
-            self._ctx.term()
+        self._release()
 
     @classmethod
     def from_env(cls, group: str, role: str = "student", secret_env: str | None = None,
