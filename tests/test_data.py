@@ -67,6 +67,21 @@ def test_sampler_covers_each_id_once_per_epoch():
         global_batch(0, 4, 0, 0)
 
 
+def test_derive_seed_is_hash_ints_on_python_ints():
+    # the per-crop seeds (and so every crop, mask and stored target) must not change with the fast path
+    from dinodist.core.data.sampler import derive_seed, hash_ints
+
+    rng = np.random.default_rng(0)
+    edges = [0, 1, -1, 2**63 - 1, -(2**63), 0x6D61736B]
+    for n in range(2000):
+        parts = [int(v) for v in rng.integers(-(2**63), 2**63 - 1, size=n % 5, endpoint=True)]
+        parts += [edges[n % len(edges)]] * (n % 2)
+        assert derive_seed(*parts) == int(hash_ints(*parts)[0]), parts
+    assert derive_seed(np.int64(5), torch.tensor(7).item()) == int(hash_ints(5, 7)[0])
+    with pytest.raises(OverflowError):
+        derive_seed(2**63)
+
+
 # ---------------------------------------------------------------- sources
 
 

@@ -39,9 +39,31 @@ def hash_ints(*parts) -> np.ndarray:
     return (h & _INT63).astype(np.int64)
 
 
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64_int(z: int) -> int:
+    # `_splitmix64` on one Python int: 30x cheaper than a numpy call on a 1-element array, and
+    # derive_seed runs several times per crop (a fifth of a batch's build time before)
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+_H0 = _splitmix64_int(0)
+
+
 def derive_seed(*parts: int) -> int:
-    """One int63 seed from a tuple of ints, e.g. `(sample_id, sample_seed, crop_index)`."""
-    return int(hash_ints(*parts)[0])
+    """One int63 seed from a tuple of ints, e.g. `(sample_id, sample_seed, crop_index)`: the value of
+    `hash_ints(*parts)[0]`, computed on Python ints."""
+    h = _H0
+    for part in parts:
+        part = int(part)
+        if not -(1 << 63) <= part < 1 << 63:
+            raise OverflowError(f"derive_seed: {part} is outside int64")
+        h = _splitmix64_int(h ^ (part & _M64))
+    return h & int(_INT63)
 
 
 @lru_cache(maxsize=4)
