@@ -67,23 +67,17 @@ def test_cpu_demo_shape():
 
 
 def test_cpu_fashion_distils_the_teacher_its_stage_config_makes():
-    """The topology must name the model cpu-fashion-teacher.yaml trains, at its resolution and temperatures:
-    the teacher load would refuse another arch or head, but not another crop size or temperature."""
-    from dinodist.core.models import HeadSpec
+    """The topology must name the model cpu-fashion-teacher.yaml trains, at its resolution: the teacher load
+    would refuse another arch, but not another crop size. Its students regress the teacher's features, so
+    neither head sizes nor temperatures have to match."""
     from dinodist.core.ssl.config import load_stage_config
-    from dinodist.core.ssl.schedules import schedule_value
 
     topo = load_topology(CONFIGS / "cpu-fashion.yaml", NO_TEACHER)
     stage = load_stage_config(ROOT / "configs" / "stages" / "cpu-fashion-teacher.yaml")
     t = topo.teacher
     assert (t.arch, t.overrides) == (stage.model.arch, stage.model.overrides)
-    heads = ((topo.dino_head(), stage.model.dino_head), (topo.ibot_head(), stage.model.ibot_head))
-    assert all(mine == HeadSpec(**theirs.model_dump()) for mine, theirs in heads)
     assert topo.data.global_crop_size == stage.crops.global_size
-    # distilled at the temperatures the teacher ended its training with
-    last = stage.train.iterations - 1
-    assert topo.train.teacher_temp == schedule_value(stage.loss.teacher_temp, last, stage.train.iterations)
-    assert topo.train.student_temp == stage.loss.student_temp
+    assert t.targets == "features"
 
 
 def test_default_heads_follow_the_teacher_family():
