@@ -43,8 +43,8 @@ _M64 = (1 << 64) - 1
 
 
 def _splitmix64_int(z: int) -> int:
-    # `_splitmix64` on one Python int: 30x cheaper than a numpy call on a 1-element array, and
-    # derive_seed runs several times per crop (a fifth of a batch's build time before)
+    # `_splitmix64` on one Python int: derive_seed is ~15x cheaper this way than with numpy on
+    # 1-element arrays, and it runs several times per crop (~40 % of a batch's build on 28 px images)
     z = (z + 0x9E3779B97F4A7C15) & _M64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
