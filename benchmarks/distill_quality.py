@@ -2,7 +2,8 @@
 
 1. Teacher: trains the SSL stage config (default configs/stages/cpu-fashion-teacher.yaml) into
    `--cache/teacher-run` and exports it to `--cache/teacher.pth`, or reuses that export when it exists and
-   was made from the same stage config and iterations (another one is refused: use another `--cache`).
+   was made from the same stage config (path and content) and iterations (another one is refused: use another
+   `--cache`).
 2. Distillation: one `dinodist distill` run of the topology (default configs/topologies/cpu-fashion.yaml,
    two tiny students of different sizes; one teacher forward per global batch serves both), its wall time W
    measured around the command.
@@ -32,6 +33,7 @@ k-NN on digits, iterations and wall time. Results: benchmarks/RESULTS.md ("Disti
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -63,14 +65,17 @@ def dinodist(*args: str, log: Path) -> float:
 
 def teacher(stage: Path, cache: Path, iterations: int | None) -> Path:
     pth = cache / "teacher.pth"
-    made = {"stage": str(stage.resolve()), "iterations": iterations}
+    # the file's content too: a recipe edited in place must not reuse a teacher made by the old one
+    made = {"stage": str(stage.resolve()), "stage_sha256": hashlib.sha256(stage.read_bytes()).hexdigest(),
+            "iterations": iterations}
     record = cache / "teacher-wall.json"
     if pth.is_file() and Path(str(pth) + ".json").is_file():
         had = json.loads(record.read_text()) if record.is_file() else {}
         if {k: had.get(k) for k in made} != made:
             sys.exit(f"distill_quality: --cache {cache} holds a teacher of "
-                     f"{had.get('stage', 'an unknown stage')} (iterations {had.get('iterations')}), not of "
-                     f"{made['stage']} (iterations {iterations}); give another --cache")
+                     f"{had.get('stage', 'an unknown stage')} (iterations {had.get('iterations')}, "
+                     f"sha256 {str(had.get('stage_sha256'))[:12]}), not of {made['stage']} (iterations "
+                     f"{iterations}, sha256 {made['stage_sha256'][:12]}); give another --cache")
         print(f"teacher: reusing {pth}", flush=True)
         return pth
     cache.mkdir(parents=True, exist_ok=True)
