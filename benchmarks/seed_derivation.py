@@ -2,7 +2,7 @@
 
 Every crop and every mask draws its randomness from `derive_seed(sample_id, sample_seed, crop, ...)`.
 On small images (Fashion-MNIST's 28 px at 32 px crops, the distillation-quality benchmark's data), a
-numpy call on a 1-element array per seed was a fifth to a third of a batch's build time, and in a
+numpy call on a 1-element array per seed was about 40 % of a batch's build time, and in a
 distillation the teacher and every student build the same batch. Both ways are timed in rotation in one
 run, on the same loader, and must build identical batches.
 

@@ -155,7 +155,7 @@ class ControlServer:
         self._stop_thread = threading.Event()
         self.thread_error: BaseException | None = None
 
-        self._ctx, self._sock, self._release = owned_socket(self, zmq.ROUTER)
+        self._sock, self._release = owned_socket(self, zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         # Frames far above the cap make zmq drop the peer instead of buffering them; frames between
         # the cap and this hard limit arrive and are dropped and counted by `decode`.

@@ -68,8 +68,8 @@ def _close_socket(sock: zmq.Socket, ctx: zmq.Context) -> None:
         ctx.term()
 
 
-def owned_socket(owner: object, kind: int) -> tuple[zmq.Context, zmq.Socket, weakref.finalize]:
-    """A context and one socket of `kind` that are closed (linger 0) and terminated when `owner` is
+def owned_socket(owner: object, kind: int) -> tuple[zmq.Socket, weakref.finalize]:
+    """A socket of `kind` on a context of its own, both closed (linger 0) and terminated when `owner` is
     collected or the returned finalizer is called, whichever comes first.
 
     Left to pyzmq's own finalizers, an owner dropped without `close()` can hang the process for good: in a
@@ -81,7 +81,7 @@ def owned_socket(owner: object, kind: int) -> tuple[zmq.Context, zmq.Socket, wea
     release = weakref.finalize(owner, _close_socket, sock, ctx)
     # not at exit: a daemon thread may still be polling the socket, and the OS reclaims both anyway
     release.atexit = False
-    return ctx, sock, release
+    return sock, release
 
 
 class ControlClient:
@@ -144,7 +144,7 @@ class ControlClient:
         self._register_kw: dict[str, Any] | None = None
         self._register_msg_at = -math.inf
         self._replay = m.ReplayGuard()
-        self._ctx, self._sock, self._release = owned_socket(self, zmq.DEALER)
+        self._sock, self._release = owned_socket(self, zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
         self._sock.setsockopt(zmq.RCVHWM, 1024)

@@ -14,15 +14,19 @@ import torch
 
 from dinodist.core.errors import DinodistError
 
-_INT63 = np.uint64((1 << 63) - 1)
+_MASK63 = (1 << 63) - 1
+_INT63 = np.uint64(_MASK63)
+_M64 = (1 << 64) - 1
+# SplitMix64's constants: the increment and the two multipliers, shared by the numpy and the int version
+_GAMMA, _MUL1, _MUL2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _TAG_PERMUTATION = 0x7065726D  # keeps the epoch permutation stream apart from the per-sample seeds
 
 
 def _splitmix64(z: np.ndarray) -> np.ndarray:
     # SplitMix64 finaliser: a bijective, well-mixed 64-bit hash that numpy evaluates vectorised.
-    z = z + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z + np.uint64(_GAMMA)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(_MUL1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(_MUL2)
     return z ^ (z >> np.uint64(31))
 
 
@@ -39,15 +43,12 @@ def hash_ints(*parts) -> np.ndarray:
     return (h & _INT63).astype(np.int64)
 
 
-_M64 = (1 << 64) - 1
-
-
 def _splitmix64_int(z: int) -> int:
     # `_splitmix64` on one Python int: derive_seed is ~15x cheaper this way than with numpy on
     # 1-element arrays, and it runs several times per crop (~40 % of a batch's build on 28 px images)
-    z = (z + 0x9E3779B97F4A7C15) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    z = (z + _GAMMA) & _M64
+    z = ((z ^ (z >> 30)) * _MUL1) & _M64
+    z = ((z ^ (z >> 27)) * _MUL2) & _M64
     return z ^ (z >> 31)
 
 
@@ -63,7 +64,7 @@ def derive_seed(*parts: int) -> int:
         if not -(1 << 63) <= part < 1 << 63:
             raise OverflowError(f"derive_seed: {part} is outside int64")
         h = _splitmix64_int(h ^ (part & _M64))
-    return h & int(_INT63)
+    return h & _MASK63
 
 
 @lru_cache(maxsize=4)
